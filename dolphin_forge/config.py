@@ -1,0 +1,538 @@
+"""One configuration schema for every stage, accepting Axolotl-style YAML.
+
+The configs printed in the Dolphin seed cards load verbatim. Keys that Axolotl knows but that have no effect here
+(``xformers_attention``, ``wandb_watch``, ...) are accepted silently when empty and named in a warning when set;
+keys nobody knows are listed in one warning, or rejected under ``strict``. Every validation problem becomes one
+line naming the file, line, key, the value given and what is allowed.
+
+This module is the leaf of the package: it imports nothing from the rest of dolphin_forge but `errors`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dolphin_forge.errors import ForgeError
+
+# --- datasets ---------------------------------------------------------------------------------------------------
+
+DatasetType = Literal["sharegpt", "chat_template", "alpaca", "openai", "messages"]
+TrainOnEos = Literal["turn", "last", "all", "none"]
+
+
+class DatasetConfig(BaseModel):
+    """One entry of ``datasets:``; both Axolotl forms (legacy ``sharegpt`` and ``chat_template``) are accepted."""
+
+    model_config = ConfigDict(extra="allow")
+
+    path: str
+    type: DatasetType = "sharegpt"
+    conversation: str | None = "chatml"
+    ds_type: Literal["json", "jsonl", "parquet", "arrow"] | None = None
+    data_files: str | list[str] | None = None
+    split: str | None = None
+    name: str | None = None
+    field_messages: str | None = None
+    message_property_mappings: dict[str, str] | None = None
+    message_field_role: str | None = None
+    message_field_content: str | None = None
+    roles: dict[str, list[str]] | None = None
+    roles_to_train: list[str] | None = None
+    train_on_eos: TrainOnEos | None = None
+    chat_template: str | None = None
+
+    @field_validator("conversation")
+    @classmethod
+    def _chatml_only(cls, value: str | None) -> str | None:
+        if value not in (None, "chatml"):
+            raise ValueError("only 'chatml' is supported: the Dolphin recipe trains in ChatML")
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, value: str | None) -> str | None:
+        if value not in (None, "chatml", "tokenizer_default"):
+            raise ValueError("expected 'chatml' or 'tokenizer_default' (this product renders ChatML)")
+        return value
+
+
+class SpecialTokens(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+
+
+# --- curate -----------------------------------------------------------------------------------------------------
+
+
+class CurateSource(DatasetConfig):
+    """One input of ``curate.sources``: a dataset entry plus its name, mixing weight, cap and system prompts."""
+
+    name: str | None = None
+    weight: float = Field(default=1.0, gt=0)
+    max_rows: int | None = Field(default=None, gt=0)
+    system_prompts: str | None = None
+
+
+class CurateCleanConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    unicode_form: Literal["NFC", "NFKC", "none"] = "NFC"
+    min_answer_chars: int = Field(default=1, ge=0)
+    max_answer_chars: int | None = Field(default=None, gt=0)
+    max_nonprintable_ratio: float = Field(default=0.05, ge=0, le=1)
+    max_repeated_chars: int | None = Field(default=200, gt=1)
+    languages: list[str] | None = None
+
+
+class CurateFunctionCallingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    lenient: bool = True
+
+
+class CurateRefusalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    scope: Literal["assistant", "all"] = "assistant"
+    action: Literal["drop_conversation", "drop_turn"] = "drop_conversation"
+    phrases: list[str] = Field(default_factory=list)
+    phrase_files: list[str] = Field(default_factory=list)
+    remove: list[str] = Field(default_factory=list)
+    replace_defaults: bool = False
+
+
+class CurateSystemPromptsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    file: str | None = None
+    mode: Literal["missing", "always"] = "missing"
+    system_conversations: Literal["drop_conversation", "drop_turn", "flag", "off"] = "drop_conversation"
+
+
+class CurateDedupConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    exact: bool = True
+    near: bool = True
+    scope: Literal["first_user", "conversation", "assistant"] = "first_user"
+    threshold: float = Field(default=0.8, gt=0, lt=1)
+    num_perm: int = Field(default=128, ge=16, le=1024)
+    ngram: int = Field(default=5, ge=1)
+
+
+class CurateConfig(BaseModel):
+    """``curate:``: raw instruction/chat files into one clean ShareGPT JSONL (see dolphin_forge.curate)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[CurateSource] = Field(default_factory=list)
+    output_dir: str = "./curated"
+    processes: int | None = Field(default=None, ge=1)
+    batch_rows: int = Field(default=256, ge=1)
+    seed: int | None = None
+    shuffle: bool = True
+    samples: int = Field(default=5, ge=0)
+    clean: CurateCleanConfig = Field(default_factory=CurateCleanConfig)
+    function_calling: CurateFunctionCallingConfig = Field(default_factory=CurateFunctionCallingConfig)
+    refusal: CurateRefusalConfig = Field(default_factory=CurateRefusalConfig)
+    system_prompts: CurateSystemPromptsConfig = Field(default_factory=CurateSystemPromptsConfig)
+    dedup: CurateDedupConfig = Field(default_factory=CurateDedupConfig)
+
+
+# --- spectral tools (Spectrum layer selection, LASER-RMT) --------------------------------------------------------
+
+SPECTRAL_MODULE_TYPES = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
+NoiseThreshold = Literal["marchenko_pastur", "gavish_donoho"]
+
+
+class SpectrumConfig(BaseModel):
+    """`spectrum:` - which matrices to scan and how many of each type to keep trainable."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None  # default: base_model
+    module_types: list[str] = Field(default_factory=lambda: list(SPECTRAL_MODULE_TYPES), min_length=1)
+    top_percent: float = Field(default=50.0, gt=0, le=100)
+    threshold: NoiseThreshold = "marchenko_pastur"
+    workers: int | None = Field(default=None, ge=1)
+    output_dir: str | None = None  # default: <output_dir>/spectrum
+
+
+class LaserConfig(BaseModel):
+    """`laser:` - LASER-RMT search: candidates, noise threshold, perplexity budget and stopping rules."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None  # default: base_model
+    eval_file: str | None = None  # plain text; its first `search_tokens` tokens score changes
+    search_tokens: int = Field(default=4096, gt=1)
+    heldout_tokens: int = Field(default=0, ge=0)  # the tokens after those: measured before and after only
+    max_length: int = Field(default=512, gt=1)
+    batch_size: int = Field(default=4, gt=0)
+    module_types: list[str] = Field(default_factory=lambda: list(SPECTRAL_MODULE_TYPES), min_length=1)
+    layers: list[int] | None = None  # default: every layer
+    order: Literal["lowest_snr", "last_layer_first"] = "lowest_snr"
+    threshold: NoiseThreshold = "marchenko_pastur"
+    max_changes: int = Field(default=8, gt=0)
+    max_attempts: int | None = Field(default=None, gt=0)
+    time_budget_minutes: float | None = Field(default=None, gt=0)
+    output_dir: str | None = None  # default: <output_dir>/laser
+
+
+# --- the whole config -------------------------------------------------------------------------------------------
+
+#: Axolotl keys accepted for compatibility that change nothing here; set to a non-empty value they earn a warning.
+INERT_AXOLOTL_KEYS: dict[str, str] = {
+    "model_type": "the architecture is read from the model's config.json",
+    "tokenizer_type": "the tokenizer class is read from the model folder",
+    "tokenizer_use_fast": "a fast (Rust) tokenizer is always used",
+    "model_config": "use the model folder's config.json",
+    "wandb_watch": "gradients are not watched",
+    "wandb_log_model": "checkpoints are not uploaded",
+    "xformers_attention": "attention kernels are chosen automatically",
+    "group_by_length": "packing already balances row lengths",
+    "eval_table_size": "no prediction tables are logged",
+    "local_rank": "the rank comes from the launcher's environment",
+    "debug": "use `preprocess --debug N`",
+    "hub_model_id": "there is no model hub here",
+    "strict": "handled: unknown keys become errors when true",
+}
+
+
+class ForgeConfig(BaseModel):
+    """Every stage's settings. Field names and meanings follow Axolotl so that existing configs keep working."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    # model and tokenizer
+    base_model: str = "default"
+    base_model_config: str | None = None
+    tokenizer_config: str | None = None
+    trust_remote_code: bool = False
+    chat_template: Literal["chatml", "tokenizer_default"] | None = "chatml"
+    special_tokens: SpecialTokens = Field(default_factory=SpecialTokens)
+    tokens: list[str] = Field(default_factory=list)
+    load_in_8bit: bool | None = False
+    load_in_4bit: bool | None = False
+
+    # data
+    datasets: list[DatasetConfig] = Field(default_factory=list)
+    dataset_prepared_path: str | None = None
+    dataset_processes: int | None = Field(default=None, ge=1)
+    val_set_size: float = Field(default=0.0, ge=0)
+    sequence_len: int = Field(default=2048, gt=0)
+    sample_packing: bool = False
+    eval_sample_packing: bool | None = None
+    pad_to_sequence_len: bool | None = None
+    train_on_inputs: bool = False
+    excess_length_strategy: Literal["drop", "truncate", "raise"] = "drop"
+    shuffle_merged_datasets: bool = True
+
+    # training
+    output_dir: str = "./out"
+    adapter: Literal["lora", "qlora"] | None = None
+    lora_r: int = Field(default=8, gt=0)
+    lora_alpha: float = Field(default=16, gt=0)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    lora_target_linear: bool | None = None
+    lora_target_modules: list[str] | None = None
+    lora_modules_to_save: list[str] | None = None
+    unfrozen_parameters: list[str] | None = None
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    micro_batch_size: int = Field(default=1, gt=0)
+    eval_batch_size: int | None = Field(default=None, gt=0)
+    num_epochs: float = Field(default=1, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"] = (
+        "adamw_torch"
+    )
+    learning_rate: float = Field(default=2e-5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    adam_beta2: float = Field(default=0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(default=1e-8, gt=0)
+    max_grad_norm: float | None = Field(default=1.0, ge=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    cosine_min_lr_ratio: float | None = Field(default=None, ge=0, le=1)
+    warmup_steps: int | None = Field(default=None, ge=0)
+    warmup_ratio: float | None = Field(default=None, ge=0, le=1)
+    bf16: bool | Literal["auto", "full"] | None = "auto"
+    fp16: bool | None = None
+    tf32: bool | None = None
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    flash_attention: bool | None = None
+    seed: int = 42
+    logging_steps: int = Field(default=1, gt=0)
+    evals_per_epoch: int | None = Field(default=None, gt=0)
+    eval_steps: int | None = Field(default=None, gt=0)
+    saves_per_epoch: int | None = Field(default=None, gt=0)
+    save_steps: int | None = Field(default=None, gt=0)
+    save_total_limit: int | None = Field(default=None, gt=0)
+    resume_from_checkpoint: str | None = None
+    early_stopping_patience: int | None = Field(default=None, gt=0)
+    deepspeed: str | None = None
+    fsdp: list[str] | str | None = None
+    fsdp_config: dict[str, Any] | None = None
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_name: str | None = None
+    wandb_run_id: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    spectrum: SpectrumConfig = Field(default_factory=SpectrumConfig)
+    laser: LaserConfig = Field(default_factory=LaserConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _tokens_list(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @field_validator("special_tokens", mode="before")
+    @classmethod
+    def _special_tokens(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _datasets_list(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @field_validator("fsdp", mode="before")
+    @classmethod
+    def _fsdp(cls, value: Any) -> Any:
+        return None if value in ("", []) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ForgeConfig:
+        if self.val_set_size >= 1 and not float(self.val_set_size).is_integer():
+            raise ValueError("val_set_size: a value >= 1 is a row count and must be a whole number")
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("warmup_steps and warmup_ratio: set one of them, not both")
+        if self.adapter is None and (self.load_in_4bit or self.load_in_8bit):
+            raise ValueError("load_in_4bit/load_in_8bit: quantised loading needs `adapter: qlora` or `adapter: lora`")
+        return self
+
+    # derived values ---------------------------------------------------------------------------------------------
+
+    def unknown_keys(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+    def missing_paths(self, config_path: Path | None) -> list[str]:
+        """Files the config names that are not there (checked by `validate`; the stages fail on them later)."""
+        problems = []
+        if self.base_model != "default" and not resolve_path(self.base_model, config_path).exists():
+            problems.append(f"base_model {self.base_model!r} is not a local folder (no hub here; try `default`)")
+        for index, dataset in enumerate(self.datasets):
+            if not resolve_path(dataset.path, config_path).exists():
+                problems.append(f"datasets.{index}.path {dataset.path!r} does not exist")
+        if self.deepspeed and not resolve_path(self.deepspeed, config_path).exists():
+            problems.append(f"deepspeed {self.deepspeed!r} does not exist")
+        return problems
+
+    def total_batch_size(self, world_size: int = 1) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps * world_size
+
+    def steps_per_epoch(self, train_rows: int, world_size: int = 1) -> int:
+        """Optimizer steps per epoch for `train_rows` (packed) training rows."""
+        micro_batches = math.ceil(train_rows / (self.micro_batch_size * world_size))
+        return max(1, math.ceil(micro_batches / self.gradient_accumulation_steps))
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+
+
+class LoadedConfig(BaseModel):
+    """A validated config plus where it came from and what the user should hear about it."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    config: ForgeConfig
+    path: Path | None
+    warnings: list[str]
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map each top-level key to its 1-based line in the YAML text, for error messages."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+
+
+def parse_override(key: str, raw: str) -> tuple[list[str | int], Any]:
+    """Turn ``--learning-rate 1e-5`` or ``--datasets.0.path x.jsonl`` into a key path and a YAML-typed value."""
+    parts: list[str | int] = []
+    for part in key.lstrip("-").split("."):
+        parts.append(int(part) if part.isdigit() else part.replace("-", "_"))
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
+    for key, raw in overrides.items():
+        path, value = parse_override(key, raw)
+        target: Any = data
+        for i, part in enumerate(path[:-1]):
+            nxt = path[i + 1]
+            if isinstance(part, int):
+                if not isinstance(target, list) or part >= len(target):
+                    raise ForgeError(f"override {key}: index {part} is out of range")
+                target = target[part]
+            else:
+                if target.get(part) is None:
+                    target[part] = [] if isinstance(nxt, int) else {}
+                target = target[part]
+        last = path[-1]
+        if isinstance(last, int):
+            if not isinstance(target, list) or last >= len(target):
+                raise ForgeError(f"override {key}: index {last} is out of range")
+        target[last] = value
+    return data
+
+
+def _describe(error: dict[str, Any]) -> str:
+    kind, msg = error["type"], error["msg"]
+    ctx = error.get("ctx") or {}
+    if kind in ("float_parsing", "float_type"):
+        return "expected a number"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return "expected a whole number"
+    if kind in ("bool_parsing", "bool_type"):
+        return "expected true or false"
+    if kind == "greater_than":
+        return f"expected a number > {ctx.get('gt')}"
+    if kind == "greater_than_equal":
+        return f"expected a number >= {ctx.get('ge')}"
+    if kind == "less_than":
+        return f"expected a number < {ctx.get('lt')}"
+    if kind == "less_than_equal":
+        return f"expected a number <= {ctx.get('le')}"
+    if kind == "literal_error":
+        return f"expected one of {ctx.get('expected')}"
+    if kind == "missing":
+        return "this key is required"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    return msg.removeprefix("Value error, ")
+
+
+def _error_lines(exc: ValidationError, source: str, data: dict[str, Any], lines: dict[str, int]) -> list[str]:
+    """One line per problem; a union's alternatives collapse into the first meaningful explanation."""
+    seen: dict[str, tuple[int, str]] = {}
+    for error in exc.errors():
+        loc = [p for p in error["loc"] if not (isinstance(p, str) and (p.startswith(("function-", "literal[")) or p in ("str", "bool", "int", "float", "list[str]", "dict[str,any]")))]
+        key = ".".join(str(p) for p in loc) or "(config)"
+        if key in seen:
+            continue
+        value: Any = data
+        for part in loc:
+            try:
+                value = value[part]
+            except (KeyError, IndexError, TypeError):
+                value = None
+                break
+        where = f"{source}:{lines[str(loc[0])]}" if loc and str(loc[0]) in lines else source
+        got = "" if error["type"] == "missing" or not loc else f" = {value!r}"
+        line = lines.get(str(loc[0]), 0) if loc else 0
+        seen[key] = (line, f"{where}: {key}{got}: {_describe(error)}")
+    return [text for _, text in sorted(seen.values(), key=lambda item: item[0])]
+
+
+#: Values of inert keys that mean what this product does anyway, so they earn no warning.
+_HARMLESS = {"model_type": "AutoModelForCausalLM", "tokenizer_type": "AutoTokenizer", "tokenizer_use_fast": True}
+
+
+def _inert_warnings(data: dict[str, Any]) -> list[str]:
+    return [
+        f"{key} = {data[key]!r} has no effect here ({why})"
+        for key, why in INERT_AXOLOTL_KEYS.items()
+        if data.get(key) not in (None, "", False, [], {}) and key != "strict" and _HARMLESS.get(key) != data[key]
+    ]
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, str] | None = None,
+    strict: bool = False,
+    data: dict[str, Any] | None = None,
+) -> LoadedConfig:
+    """Read, override and validate a config. Raises ForgeError with one line per problem."""
+    source = str(path) if path is not None else "<config>"
+    lines: dict[str, int] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ForgeError(f"{source}: config file not found")
+        text = file.read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}" if mark else source
+            raise ForgeError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        lines = _key_lines(text)
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise ForgeError(f"{source}: expected a mapping of keys to values at the top level")
+    data = apply_overrides(data, overrides or {})
+    strict = strict or data.get("strict") is True
+    inert = {k for k in INERT_AXOLOTL_KEYS}
+    to_validate = {k: v for k, v in data.items() if k not in inert}
+    try:
+        config = ForgeConfig.model_validate(to_validate)
+    except ValidationError as exc:
+        raise ForgeError("\n".join(_error_lines(exc, source, data, lines))) from None
+
+    warnings = _inert_warnings(data)
+    unknown = config.unknown_keys()
+    if unknown:
+        listed = ", ".join(unknown)
+        if strict:
+            raise ForgeError(f"{source}: unknown keys (strict mode): {listed}")
+        warnings.insert(0, f"unknown keys ignored: {listed}")
+    return LoadedConfig(config=config, path=Path(path) if path is not None else None, warnings=warnings)
+
+
+def resolve_path(value: str, config_path: Path | None) -> Path:
+    """A relative path in a config resolves against the working directory, then the config file's folder."""
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute() or candidate.exists() or config_path is None:
+        return candidate
+    beside = config_path.parent / candidate
+    return beside if beside.exists() else candidate
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def slug(text: str) -> str:
+    return _SAFE.sub("-", text).strip("-") or "x"

@@ -1,0 +1,1 @@
+"""Data: formats into conversations, ChatML tokens with label masks, packing, the prepared cache."""

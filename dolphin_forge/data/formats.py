@@ -1,0 +1,300 @@
+"""Reading dataset files and normalising ShareGPT, OpenAI-messages and Alpaca rows into `Conversation`s.
+
+Reading never stops at a bad row: `read_records` yields either a record or a `RowProblem` naming the file, the
+line (JSONL) or row index (JSON array, Parquet, Arrow) and what was wrong, so the caller can count and report it
+while every good row is kept. Files are streamed where the format allows (JSONL, gzip JSONL, Parquet batches).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dolphin_forge.config import DatasetConfig
+from dolphin_forge.data.conversation import (
+    Conversation,
+    Message,
+    format_tool_call,
+    format_tool_result,
+    format_tools,
+)
+from dolphin_forge.errors import ForgeError
+
+#: ShareGPT / chat-template role names seen in the wild, mapped onto the four ChatML roles.
+ROLE_ALIASES: dict[str, str] = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "tool": "tool",
+    "ipython": "tool",
+    "observation": "tool",
+    "function": "tool",
+    "function_response": "tool",
+    "function-response": "tool",
+    "function_call": "tool_call",
+    "function-call": "tool_call",
+}
+
+DATA_SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet", ".arrow")
+
+
+@dataclass
+class Record:
+    source: str
+    row: int  # 1-based line for JSONL, 1-based index otherwise
+    data: dict[str, Any]
+
+
+@dataclass
+class RowProblem(Exception):
+    """A row that cannot be used; `reason` is a short machine key, `detail` says what was wrong."""
+
+    reason: str
+    detail: str
+    source: str = ""
+    row: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.row}: {self.detail}"
+
+
+# --- files ------------------------------------------------------------------------------------------------------
+
+
+def _is_hf_dataset_dir(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "state.json").is_file() or (
+        path / "dataset_dict.json"
+    ).is_file()
+
+
+def list_data_files(path: Path) -> list[Path]:
+    """A file, or every data file below a folder (sorted, so the order is reproducible)."""
+    if not path.exists():
+        raise ForgeError(f"datasets: path {path} does not exist")
+    if path.is_file():
+        return [path]
+    if _is_hf_dataset_dir(path):
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(DATA_SUFFIXES))
+    if not files:
+        raise ForgeError(f"datasets: folder {path} holds no {', '.join(DATA_SUFFIXES)} files")
+    return files
+
+
+def _open_text(path: Path) -> Any:
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return path.open("r", encoding="utf-8", errors="replace")
+
+
+def _looks_like_jsonl(path: Path) -> bool:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return True
+    with _open_text(path) as handle:
+        for char in iter(lambda: handle.read(1), ""):
+            if not char.isspace():
+                return char != "["
+    return False
+
+
+def _read_jsonl(path: Path) -> Iterator[Record | RowProblem]:
+    with _open_text(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield RowProblem("bad_json", f"not valid JSON ({exc.msg} at column {exc.colno})", str(path), number)
+                continue
+            if not isinstance(data, dict):
+                yield RowProblem("bad_json", f"expected a JSON object, got {type(data).__name__}", str(path), number)
+                continue
+            yield Record(str(path), number, data)
+
+
+def _read_json_array(path: Path) -> Iterator[Record | RowProblem]:
+    with _open_text(path) as handle:
+        try:
+            data = json.load(handle)
+        except json.JSONDecodeError as exc:
+            raise ForgeError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); no row of this file can be read")
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise ForgeError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+    for index, item in enumerate(data, start=1):
+        if isinstance(item, dict):
+            yield Record(str(path), index, item)
+        else:
+            yield RowProblem("bad_json", f"expected a JSON object, got {type(item).__name__}", str(path), index)
+
+
+def _read_parquet(path: Path) -> Iterator[Record | RowProblem]:
+    import pyarrow.parquet as pq
+
+    index = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for item in batch.to_pylist():
+            index += 1
+            yield Record(str(path), index, item)
+
+
+def _read_hf_dataset(path: Path, split: str | None) -> Iterator[Record | RowProblem]:
+    from datasets import DatasetDict, load_from_disk
+
+    dataset = load_from_disk(str(path))
+    if isinstance(dataset, DatasetDict):
+        name = split or ("train" if "train" in dataset else next(iter(dataset)))
+        if name not in dataset:
+            raise ForgeError(f"datasets: {path} has no split {name!r} (it has {', '.join(dataset)})")
+        dataset = dataset[name]
+    for index, item in enumerate(dataset, start=1):
+        yield Record(str(path), index, item)
+
+
+def read_records(path: Path, split: str | None = None) -> Iterator[Record | RowProblem]:
+    """Every row of a file, folder or saved HF dataset, as records or problems, in a stable order."""
+    for file in list_data_files(path):
+        name = file.name.lower()
+        if file.is_dir():
+            yield from _read_hf_dataset(file, split)
+        elif name.endswith(".parquet"):
+            yield from _read_parquet(file)
+        elif name.endswith(".arrow"):
+            from datasets import Dataset
+
+            for index, item in enumerate(Dataset.from_file(str(file)), start=1):
+                yield Record(str(file), index, item)
+        elif _looks_like_jsonl(file):
+            yield from _read_jsonl(file)
+        else:
+            yield from _read_json_array(file)
+
+
+# --- rows into conversations ------------------------------------------------------------------------------------
+
+
+def _text(value: Any, what: str) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        raise RowProblem("missing_field", f"{what} is missing")
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    raise RowProblem("bad_field", f"{what} should be text, got {type(value).__name__}")
+
+
+def _role(raw: Any, aliases: dict[str, str]) -> str:
+    name = str(raw).strip().lower() if raw is not None else ""
+    if name not in aliases:
+        raise RowProblem("unknown_role", f"unknown role {raw!r} (known: {', '.join(sorted(set(aliases)))})")
+    return aliases[name]
+
+
+def _messages_from_turns(
+    turns: Any, field_name: str, role_key: str, content_key: str, aliases: dict[str, str]
+) -> list[Message]:
+    if not isinstance(turns, list):
+        if turns is None:
+            raise RowProblem("missing_field", f"field {field_name!r} is missing")
+        raise RowProblem("bad_field", f"field {field_name!r} should be a list of turns")
+    messages: list[Message] = []
+    for number, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict):
+            raise RowProblem("bad_field", f"turn {number} should be an object")
+        role = _role(turn.get(role_key), aliases)
+        if role == "assistant" and turn.get("tool_calls"):
+            calls = [format_tool_call(c.get("function", c)) for c in turn["tool_calls"] if isinstance(c, dict)]
+            prefix = _text(turn.get(content_key) or "", f"turn {number} {content_key!r}").strip()
+            messages.append(Message("assistant", "\n".join(([prefix] if prefix else []) + calls)))
+            continue
+        content = _text(turn.get(content_key), f"turn {number} field {content_key!r}")
+        if role == "tool_call":
+            messages.append(Message("assistant", format_tool_call(content)))
+        elif role == "tool":
+            messages.append(Message("tool", format_tool_result(content)))
+        else:
+            messages.append(Message(role, content))
+    return messages
+
+
+def _alpaca(data: dict[str, Any]) -> list[Message]:
+    if data.get("instruction") is None or data.get("output") is None:
+        missing = "instruction" if data.get("instruction") is None else "output"
+        raise RowProblem("missing_field", f"field {missing!r} is missing (alpaca rows need instruction and output)")
+    prompt = _text(data["instruction"], "instruction")
+    extra = _text(data.get("input") or "", "input")
+    if extra.strip():
+        prompt = f"{prompt}\n\n{extra}"
+    messages = [Message("user", prompt), Message("assistant", _text(data["output"], "output"))]
+    system = data.get("system")
+    if isinstance(system, str) and system.strip():
+        messages.insert(0, Message("system", system))
+    return messages
+
+
+def _role_aliases(dataset: DatasetConfig) -> dict[str, str]:
+    aliases = dict(ROLE_ALIASES)
+    for target, names in (dataset.roles or {}).items():
+        for name in names:
+            aliases[str(name).lower()] = ROLE_ALIASES.get(target, target)
+    return aliases
+
+
+def to_conversation(record: Record, dataset: DatasetConfig) -> Conversation:
+    """Normalise one row; raises RowProblem for a row that cannot become a usable conversation."""
+    data = record.data
+    try:
+        if dataset.type == "alpaca":
+            messages = _alpaca(data)
+        else:
+            aliases = _role_aliases(dataset)
+            if dataset.type == "sharegpt":
+                field_name, role_key, content_key = dataset.field_messages or "conversations", "from", "value"
+            else:  # chat_template / openai / messages
+                mapping = dataset.message_property_mappings or {}
+                field_name = dataset.field_messages or "messages"
+                role_key = mapping.get("role") or dataset.message_field_role or "role"
+                content_key = mapping.get("content") or dataset.message_field_content or "content"
+            if field_name not in data:
+                hint = " (looks like alpaca: set type: alpaca)" if "instruction" in data else ""
+                raise RowProblem("missing_field", f"field {field_name!r} is missing{hint}")
+            messages = _messages_from_turns(data[field_name], field_name, role_key, content_key, aliases)
+            tools = data.get("tools")
+            if tools:
+                block = format_tools(tools)
+                if messages and messages[0].role == "system":
+                    messages[0] = Message("system", f"{messages[0].content}\n\n{block}")
+                else:
+                    messages.insert(0, Message("system", block))
+        messages = _drop_empty_system(messages)
+        _check_turns(messages)
+    except RowProblem as problem:
+        problem.source, problem.row = record.source, record.row
+        raise
+    return Conversation(messages=messages, source=record.source, row=record.row)
+
+
+def _drop_empty_system(messages: list[Message]) -> list[Message]:
+    """An empty system prompt is common in ShareGPT dumps and harmless: it is removed, not held against the row."""
+    return [m for m in messages if not (m.role == "system" and not m.content.strip())]
+
+
+def _check_turns(messages: list[Message]) -> None:
+    if not messages:
+        raise RowProblem("empty_conversation", "the conversation has no turns")
+    for number, message in enumerate(messages, start=1):
+        if not message.content.strip():
+            raise RowProblem("empty_turn", f"turn {number} ({message.role}) is empty")

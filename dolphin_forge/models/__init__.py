@@ -1,0 +1,1 @@
+"""Model loading: the embedded default model, safe loading, tokenizer set-up."""

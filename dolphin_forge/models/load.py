@@ -1,0 +1,74 @@
+"""Loading models and tokenizers the way every stage needs them.
+
+Safe by default: weights load only from safetensors (`use_safetensors=True`, so a pickle `.bin` is refused), and
+`trust_remote_code` stays off unless the config asks for it. The tokenizer gets the config's `special_tokens` and
+`tokens` added here, once, so that preprocessing and training agree on every id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dolphin_forge.config import ForgeConfig
+from dolphin_forge.errors import ForgeError
+from dolphin_forge.models.default import CHATML_TEMPLATE, resolve_model_path
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+
+
+def load_tokenizer(config: ForgeConfig) -> Any:
+    """The base model's fast tokenizer with the config's special tokens and added tokens applied."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(config.tokenizer_config or config.base_model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code, use_fast=True)
+    except (OSError, ValueError) as exc:
+        raise ForgeError(f"base_model: cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ForgeError(f"base_model: {path} has no fast (tokenizer.json) tokenizer, which preprocessing needs")
+    specials = {k: v for k, v in config.special_tokens.model_dump().items() if v is not None}
+    if specials:
+        tokenizer.add_special_tokens(specials)
+    missing = [t for t in config.tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    for marker in (IM_START, IM_END):
+        if marker not in tokenizer.get_vocab():
+            tokenizer.add_tokens([marker], special_tokens=True)
+    if config.chat_template == "chatml" or not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or IM_END
+    return tokenizer
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """A causal LM from a local folder, safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_model_path(str(path))
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            resolved, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
+        )
+    except (OSError, ValueError) as exc:
+        raise ForgeError(f"cannot load a model from {resolved}: {str(exc).splitlines()[0]}") from None
+
+
+def resize_for_tokenizer(model: Any, tokenizer: Any) -> int:
+    """Grow the embeddings (and an untied head) to cover added tokens; returns how many rows were added."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= old:
+        return 0
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return len(tokenizer) - old

@@ -1,0 +1,120 @@
+"""Normalising ShareGPT, OpenAI messages and Alpaca rows; every bad row becomes a named problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dolphin_forge.config import DatasetConfig
+from dolphin_forge.data.conversation import Message
+from dolphin_forge.data.formats import Record, RowProblem, read_records, to_conversation
+
+
+def normalise(data: dict, **dataset) -> list[Message]:
+    return to_conversation(Record("f.jsonl", 1, data), DatasetConfig(path="f", **dataset)).messages
+
+
+def test_sharegpt_roles_map_to_chatml_roles():
+    messages = normalise(
+        {"conversations": [
+            {"from": "system", "value": "S"}, {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"},
+        ]}
+    )
+    assert messages == [Message("system", "S"), Message("user", "Q"), Message("assistant", "A")]
+
+
+def test_function_call_roles_become_tool_call_and_tool_turns():
+    messages = normalise(
+        {"conversations": [
+            {"from": "human", "value": "Q"},
+            {"from": "function-call", "value": '{"name": "f", "arguments": {}}'},
+            {"from": "function-response", "value": '{"ok": true}'},
+            {"from": "gpt", "value": "A"},
+        ], "tools": '[{"name": "f"}]'}
+    )
+    assert [m.role for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert messages[0].content.endswith('<tools>\n[{"name": "f"}]\n</tools>')
+    assert messages[2].content == '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    assert messages[3].content == '<tool_response>\n{"ok": true}\n</tool_response>'
+
+
+def test_openai_messages_with_tool_calls():
+    messages = normalise(
+        {"messages": [
+            {"role": "user", "content": "Q"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "content": "42"},
+        ]},
+        type="chat_template",
+    )
+    assert messages[1] == Message("assistant", '<tool_call>\n{"name": "f", "arguments": "{}"}\n</tool_call>')
+    assert messages[2] == Message("tool", "<tool_response>\n42\n</tool_response>")
+
+
+def test_chat_template_with_property_mappings_and_custom_roles():
+    messages = normalise(
+        {"dialog": [{"speaker": "asker", "text": "Q"}, {"speaker": "bot", "text": "A"}]},
+        type="chat_template",
+        field_messages="dialog",
+        message_property_mappings={"role": "speaker", "content": "text"},
+        roles={"user": ["asker"], "assistant": ["bot"]},
+    )
+    assert messages == [Message("user", "Q"), Message("assistant", "A")]
+
+
+def test_alpaca_joins_instruction_and_input():
+    messages = normalise({"instruction": "Sum", "input": "2, 2", "output": "4"}, type="alpaca")
+    assert messages == [Message("user", "Sum\n\n2, 2"), Message("assistant", "4")]
+
+
+def test_empty_system_prompt_is_dropped_not_the_row():
+    messages = normalise({"conversations": [
+        {"from": "system", "value": ""}, {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]})
+    assert [m.role for m in messages] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize(
+    ("data", "dataset", "reason"),
+    [
+        ({"conversations": [{"from": "narrator", "value": "x"}]}, {}, "unknown_role"),
+        ({"conversations": []}, {}, "empty_conversation"),
+        ({"conversations": [{"from": "human", "value": "  "}, {"from": "gpt", "value": "A"}]}, {}, "empty_turn"),
+        ({"instruction": "x", "output": "y"}, {}, "missing_field"),
+        ({"instruction": "x"}, {"type": "alpaca"}, "missing_field"),
+        ({"conversations": "hello"}, {}, "bad_field"),
+        ({"conversations": [{"from": "human", "value": 3}]}, {}, "bad_field"),
+    ],
+)
+def test_bad_rows_raise_a_named_problem(data, dataset, reason):
+    with pytest.raises(RowProblem) as info:
+        normalise(data, **dataset)
+    assert info.value.reason == reason
+    assert str(info.value).startswith("f.jsonl:1: ")
+
+
+def test_jsonl_bad_lines_are_reported_with_line_numbers(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n{broken\n\n[1, 2]\n{"b": 2}\n')
+    items = list(read_records(path))
+    assert [(type(i).__name__, i.row) for i in items] == [
+        ("Record", 1), ("RowProblem", 2), ("RowProblem", 4), ("Record", 5)]
+    assert items[1].reason == "bad_json"
+
+
+def test_folders_json_arrays_and_parquet_are_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.json").write_text(json.dumps([{"x": 1}, {"x": 2}]))
+    pq.write_table(pa.table({"x": [3]}), tmp_path / "b.parquet")
+    (tmp_path / "notes.txt").write_text("ignored")
+    assert [r.data["x"] for r in read_records(tmp_path)] == [1, 2, 3]
+
+
+def test_saved_hf_dataset_is_read(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_list([{"x": 7}, {"x": 8}]).save_to_disk(str(tmp_path / "ds"))
+    assert [r.data["x"] for r in read_records(tmp_path / "ds")] == [7, 8]

@@ -1,0 +1,135 @@
+"""`preprocess` end to end: bad rows reported and good rows kept, the cache, the split, the real datasets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dolphin_forge.config import load_config
+from dolphin_forge.data.chatml import IGNORE
+from dolphin_forge.data.preprocess import preprocess
+from dolphin_forge.errors import ForgeError
+
+
+def good(i: int) -> dict:
+    return {"conversations": [{"from": "human", "value": f"Question {i}?"}, {"from": "gpt", "value": f"Answer {i}."}]}
+
+
+def make_config(tmp_path, datasets, **extra):
+    data = {"base_model": "default", "datasets": datasets, "dataset_prepared_path": str(tmp_path / "prepared"),
+            "sequence_len": 256, "sample_packing": True}
+    data.update(extra)
+    return load_config(data=data).config
+
+
+def corrupted_file(tmp_path):
+    lines = []
+    for i in range(40):
+        lines.append(json.dumps(good(i)))
+    lines.insert(3, "{this is not json")
+    lines.insert(7, json.dumps({"conversation": []}))  # missing field
+    lines.insert(11, json.dumps({"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}]}))
+    lines.insert(15, json.dumps({"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "y"}]}))
+    lines.insert(19, json.dumps({"conversations": [{"from": "human", "value": "big"},
+                                                   {"from": "gpt", "value": "word " * 200_000}]}))  # 1 MB
+    lines.insert(23, json.dumps({"conversations": [{"from": "human", "value": "no answer"}]}))
+    lines.insert(27, json.dumps({"conversations": []}))
+    path = tmp_path / "corrupted.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_corrupted_file_loses_no_good_row_and_reports_every_bad_one(tmp_path, tokenizer):
+    path = corrupted_file(tmp_path)
+    config = make_config(tmp_path, [{"path": str(path), "type": "sharegpt"}])
+    prepared = preprocess(config, tokenizer=tokenizer)
+    report = prepared.report
+    assert report["rows_read"] == 47
+    assert report["rows_kept"] == 40
+    assert report["rows_dropped"] == {
+        "bad_json": 1, "missing_field": 1, "unknown_role": 1, "empty_turn": 1, "too_long": 1,
+        "no_trainable_tokens": 1, "empty_conversation": 1}
+    assert report["dropped_examples"]["bad_json"] == [f"{path}:4: not valid JSON (Expecting property name "
+                                                       "enclosed in double quotes at column 2)"]
+    kept = {tokenizer.decode(ids) for row in prepared.train for ids in _samples(row)}
+    for i in range(40):
+        assert any(f"Question {i}?" in text and f"Answer {i}." in text for text in kept)
+
+
+def _samples(row):
+    start = 0
+    for n in row["seq_lens"]:
+        yield row["input_ids"][start : start + n]
+        start += n
+
+
+def test_second_run_is_a_cache_hit_and_a_change_rebuilds(tmp_path, tokenizer):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(good(i)) for i in range(20)))
+    config = make_config(tmp_path, [{"path": str(path)}])
+    first = preprocess(config, tokenizer=tokenizer)
+    assert not first.cached
+    assert preprocess(config, tokenizer=tokenizer).cached
+    config.sequence_len = 128
+    assert not preprocess(config, tokenizer=tokenizer).cached
+    path.write_text("\n".join(json.dumps(good(i)) for i in range(21)))
+    rebuilt = preprocess(config, tokenizer=tokenizer)
+    assert not rebuilt.cached and rebuilt.report["rows_kept"] == 21
+
+
+def test_val_split_and_unpacked_val_rows(tmp_path, tokenizer):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(good(i)) for i in range(50)))
+    config = make_config(tmp_path, [{"path": str(path)}], val_set_size=0.1, eval_sample_packing=False)
+    prepared = preprocess(config, tokenizer=tokenizer)
+    assert prepared.report["train_samples"] == 45 and prepared.report["val_samples"] == 5
+    assert len(prepared.val) == 5 and all(len(r["seq_lens"]) == 1 for r in prepared.val)
+    row = prepared.train[0]
+    assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) == sum(row["seq_lens"])
+    start = 0
+    for n in row["seq_lens"]:  # every sample's first token is unlabelled, so packing never crosses documents
+        assert row["labels"][start] == IGNORE and row["position_ids"][start] == 0
+        start += n
+
+
+def test_excess_length_strategies(tmp_path, tokenizer):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(good(0)) + "\n" + json.dumps(
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "long " * 500}]}) + "\n")
+    dropped = preprocess(make_config(tmp_path, [{"path": str(path)}]), tokenizer=tokenizer)
+    assert dropped.report["rows_dropped"] == {"too_long": 1}
+    truncated = preprocess(make_config(tmp_path, [{"path": str(path)}], excess_length_strategy="truncate"),
+                           tokenizer=tokenizer)
+    assert truncated.report["rows_truncated"] == 1 and truncated.report["rows_kept"] == 2
+    assert max(len(r["input_ids"]) for r in truncated.train) <= 256
+    with pytest.raises(ForgeError, match="exceed sequence_len 256"):
+        preprocess(make_config(tmp_path, [{"path": str(path)}], excess_length_strategy="raise"), tokenizer=tokenizer)
+
+
+def test_shared_alpaca_and_sharegpt_pack_at_least_99_5_percent(tmp_path, tokenizer, shared_data):
+    config = make_config(
+        tmp_path,
+        [{"path": str(shared_data / "alpaca" / "alpaca_data_5000_sample.json"), "type": "alpaca"},
+         {"path": str(shared_data / "sharegpt" / "fastchat_dummy_conversation.json"), "type": "sharegpt"}],
+        sequence_len=2048,
+    )
+    report = preprocess(config, tokenizer=tokenizer).report
+    assert report["rows_read"] == 5500
+    assert report["rows_kept"] + sum(report["rows_dropped"].values()) == 5500
+    assert report["packing_efficiency"] >= 0.995
+    assert report["trainable_tokens"] < report["total_tokens"]
+
+
+def test_function_calling_data_trains_calls_but_not_tool_results(tmp_path, tokenizer, shared_data):
+    config = make_config(tmp_path, [{"path": str(shared_data / "function_calling" / "glaive_toolcall_en_demo.json")}],
+                         sequence_len=4096)
+    prepared = preprocess(config, tokenizer=tokenizer)
+    assert prepared.report["rows_kept"] == 299 and prepared.report["rows_dropped"] == {"too_long": 1}  # one 11.7k-token row
+    text_trained = []
+    for row in prepared.train.select(range(20)):
+        labels = np.array(row["labels"])
+        text_trained.append(tokenizer.decode(np.array(row["input_ids"])[labels != IGNORE]))
+    joined = "".join(text_trained)
+    assert "<tool_call>" in joined and "<tool_response>" not in joined

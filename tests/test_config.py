@@ -1,0 +1,143 @@
+"""The config schema: seed configs load verbatim, bad values give one clear line each, overrides and warnings."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dolphin_forge.config import load_config
+from dolphin_forge.errors import ForgeError
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = ROOT.parent / "shared" / "seeds"
+SEED_CONFIGS = ["dolphin-2.9-llama3-8b", "dolphin-2.9.3-mistral-nemo-12b"]
+
+
+def seed_yaml(name: str) -> str:
+    card = SEEDS / f"{name}.md"
+    if not card.is_file():
+        pytest.skip(f"seed cards not found at {SEEDS}")
+    return re.search(r"```yaml\n(.*?)```", card.read_text(), re.S).group(1)
+
+
+@pytest.mark.parametrize("name", SEED_CONFIGS)
+def test_seed_card_configs_load_verbatim(tmp_path, name):
+    path = tmp_path / "seed.yml"
+    path.write_text(seed_yaml(name))
+    loaded = load_config(path, strict=True)
+    config = loaded.config
+    assert config.sample_packing and config.train_on_inputs is False and config.bf16 == "auto"
+    assert config.special_tokens.eos_token == "<|im_end|>"
+    assert config.tokens[0] == "<|im_start|>"
+    assert config.deepspeed == "deepspeed_configs/zero3_bf16.json"
+    assert all(d.type == "sharegpt" and d.conversation == "chatml" for d in config.datasets)
+    assert not any("unknown" in w for w in loaded.warnings)
+
+
+def test_the_example_copies_equal_the_cards():
+    for name in SEED_CONFIGS:
+        assert (ROOT / "examples" / f"{name}.yml").read_text().endswith(seed_yaml(name))
+
+
+def test_seed_values_are_read_correctly(tmp_path):
+    path = tmp_path / "seed.yml"
+    path.write_text(seed_yaml("dolphin-2.9.3-mistral-nemo-12b"))
+    config = load_config(path).config
+    assert config.learning_rate == 5e-6 and config.weight_decay == 0.1 and config.warmup_steps == 100
+    assert config.gradient_accumulation_steps == 16 and config.micro_batch_size == 1
+    assert config.unfrozen_parameters[:2] == ["^lm_head.weight$", "^model.embed_tokens.weight$"]
+    assert len(config.unfrozen_parameters) == 6 + 7 * 20
+    assert config.total_batch_size(world_size=8) == 128
+
+
+def test_bad_values_give_one_line_each_naming_key_value_and_line(tmp_path):
+    path = tmp_path / "bad.yml"
+    path.write_text("base_model: default\nlearning_rate: fast\nsequence_len: -1\n")
+    with pytest.raises(ForgeError) as info:
+        load_config(path)
+    lines = str(info.value).splitlines()
+    assert lines == [
+        f"{path}:2: learning_rate = 'fast': expected a number",
+        f"{path}:3: sequence_len = -1: expected a number > 0",
+    ]
+
+
+def test_cli_validate_rejects_bad_values_without_a_traceback(tmp_path):
+    path = tmp_path / "bad.yml"
+    path.write_text("learning_rate: fast\nsequence_len: -1\n")
+    result = subprocess.run([sys.executable, "-m", "dolphin_forge.cli", "validate", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: {path}:1: learning_rate = 'fast': expected a number",
+        f"error: {path}:2: sequence_len = -1: expected a number > 0",
+    ]
+
+
+def test_literal_choices_are_listed():
+    with pytest.raises(ForgeError, match=r"lr_scheduler = 'cosin': expected one of 'cosine', 'linear'"):
+        load_config(data={"lr_scheduler": "cosin"})
+
+
+def test_unknown_keys_warn_once_and_fail_under_strict():
+    loaded = load_config(data={"learning_rate": 1e-5, "lerning_rate": 1, "bogus": 2})
+    assert loaded.warnings == ["unknown keys ignored: bogus, lerning_rate"]
+    with pytest.raises(ForgeError, match="unknown keys \\(strict mode\\): bogus, lerning_rate"):
+        load_config(data={"lerning_rate": 1, "bogus": 2}, strict=True)
+    with pytest.raises(ForgeError, match="strict mode"):
+        load_config(data={"strict": True, "bogus": 2})
+
+
+def test_inert_axolotl_keys_warn_only_when_they_ask_for_something():
+    assert load_config(data={"model_type": "AutoModelForCausalLM", "xformers_attention": None}).warnings == []
+    warnings = load_config(data={"xformers_attention": True}).warnings
+    assert warnings == ["xformers_attention = True has no effect here (attention kernels are chosen automatically)"]
+
+
+def test_cli_style_overrides_are_typed_and_reach_nested_keys():
+    loaded = load_config(
+        data={"datasets": [{"path": "a.jsonl"}]},
+        overrides={"learning-rate": "1e-5", "datasets.0.path": "b.jsonl", "sample-packing": "true",
+                   "special_tokens.pad_token": "<pad>"},
+    )
+    config = loaded.config
+    assert config.learning_rate == 1e-5 and config.datasets[0].path == "b.jsonl" and config.sample_packing is True
+    assert config.special_tokens.pad_token == "<pad>"
+    with pytest.raises(ForgeError, match="index 3 is out of range"):
+        load_config(data={"datasets": [{"path": "a"}]}, overrides={"datasets.3.path": "x"})
+
+
+def test_whole_dataset_list_override_in_flow_yaml():
+    config = load_config(data={}, overrides={"datasets": "[{path: x.json, type: alpaca}]"}).config
+    assert config.datasets[0].type == "alpaca"
+
+
+def test_chat_template_dataset_form(tmp_path):
+    config = load_config(data={"datasets": [{
+        "path": "x.jsonl", "type": "chat_template", "field_messages": "messages",
+        "message_property_mappings": {"role": "role", "content": "content"},
+        "roles_to_train": ["assistant"], "train_on_eos": "turn"}]}).config
+    assert config.datasets[0].roles_to_train == ["assistant"]
+    with pytest.raises(ForgeError, match="datasets.0.train_on_eos = 'sometimes'"):
+        load_config(data={"datasets": [{"path": "x", "type": "chat_template", "train_on_eos": "sometimes"}]})
+
+
+def test_val_set_size_fraction_or_count_and_derived_steps():
+    config = load_config(data={"val_set_size": 0.0002, "micro_batch_size": 3, "gradient_accumulation_steps": 4}).config
+    assert config.steps_per_epoch(train_rows=100) == 9  # ceil(ceil(100 / 3) / 4)
+    assert config.steps_per_epoch(train_rows=100, world_size=8) == 2
+    with pytest.raises(ForgeError, match="whole number"):
+        load_config(data={"val_set_size": 2.5})
+
+
+def test_missing_file_and_bad_yaml_are_one_line(tmp_path):
+    with pytest.raises(ForgeError, match="config file not found"):
+        load_config(tmp_path / "nope.yml")
+    path = tmp_path / "broken.yml"
+    path.write_text("a: 1\nb: [1, 2\n")
+    with pytest.raises(ForgeError, match=rf"{re.escape(str(path))}:\d+: not valid YAML"):
+        load_config(path)
