@@ -139,6 +139,43 @@ def merge_lora(
     out.print(f"merged model: {run_merge(adapter_dir, output_dir, base_model)}")
 
 
+@app.command(context_settings=STAGE)
+def spectrum(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="Axolotl-style YAML config (its `spectrum:` section, base_model)"),
+    strict: bool = typer.Option(False, "--strict", help="Unknown keys are errors"),
+    top_percent: Optional[float] = typer.Option(None, "--top-percent", help="Share of each module type to unfreeze"),
+    write_config: Optional[Path] = typer.Option(None, "--write-config", help="Merge `unfrozen_parameters` into it"),
+    show: int = typer.Option(30, "--show", help="Rows of the sorted SNR table to print (0: all)"),
+) -> None:
+    """Spectrum: rank layer matrices by signal-to-noise ratio and write `unfrozen_parameters` for the top share."""
+    from dolphin_forge.spectral.report import snr_table
+    from dolphin_forge.spectral.spectrum import run_spectrum
+
+    loaded = _load(config, ctx, strict)
+    result = run_spectrum(loaded.config, loaded.path, top_percent, write_config, progress=True)
+    out.print(snr_table(result.scan, result.top_percent, limit=show or None))
+    out.print(f"snr json: {result.json}\nheat map: {result.heatmap}\nunfrozen_parameters: {result.fragment}")
+    if result.merged_config is not None:
+        out.print(f"merged into: {result.merged_config}")
+
+
+@app.command(context_settings=STAGE)
+def laser(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="Axolotl-style YAML config with a `laser:` section (eval_file, budgets)"),
+    strict: bool = typer.Option(False, "--strict", help="Unknown keys are errors"),
+) -> None:
+    """LASER-RMT: low-rank (Marchenko-Pastur) replacement of noisy matrices, kept only if perplexity improves."""
+    from dolphin_forge.spectral.report import laser_summary, laser_table
+    from dolphin_forge.spectral.stages import run_laser
+
+    loaded = _load(config, ctx, strict)
+    result = run_laser(loaded.config, loaded.path, progress=True)
+    out.print(laser_table(result.result))
+    out.print(laser_summary(result))
+
+
 def main() -> None:
     try:
         app()

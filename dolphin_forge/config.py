@@ -201,6 +201,25 @@ class LaserConfig(BaseModel):
     output_dir: str | None = None  # default: <output_dir>/laser
 
 
+class EvalConfig(BaseModel):
+    """`eval:` - which models, perplexity text files and harness tasks (or suites) to evaluate, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(default_factory=list)  # model folders; default: base_model
+    tasks: list[str] = Field(default_factory=list)  # harness tasks or suites (leaderboard-v1, leaderboard-v2)
+    data_dir: str | None = None  # local copies of the eval datasets (../shared/data/eval)
+    hub: bool = False  # the dataset hub is reachable: run tasks that have no local copy from it
+    limit: float | None = Field(default=None, gt=0)  # examples per task (< 1: a fraction)
+    batch_size: int | Literal["auto"] = "auto"
+    apply_chat_template: bool = False
+    perplexity_files: list[str] = Field(default_factory=list)  # plain text files
+    max_length: int | None = Field(default=None, gt=1)  # perplexity window; default: model context, capped
+    stride: int | None = Field(default=None, gt=0)  # default: max_length // 2
+    max_tokens: int | None = Field(default=None, gt=1)  # score only the first tokens of each file
+    output_dir: str | None = None  # default: <output_dir>/eval
+
+
 # --- the whole config -------------------------------------------------------------------------------------------
 
 #: Axolotl keys accepted for compatibility that change nothing here; set to a non-empty value they earn a warning.
@@ -301,6 +320,7 @@ class ForgeConfig(BaseModel):
     wandb_name: str | None = None
     wandb_run_id: str | None = None
     wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     spectrum: SpectrumConfig = Field(default_factory=SpectrumConfig)
     laser: LaserConfig = Field(default_factory=LaserConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)

@@ -133,3 +133,15 @@ def test_function_calling_data_trains_calls_but_not_tool_results(tmp_path, token
         text_trained.append(tokenizer.decode(np.array(row["input_ids"])[labels != IGNORE]))
     joined = "".join(text_trained)
     assert "<tool_call>" in joined and "<tool_response>" not in joined
+
+
+def test_process_pool_gives_the_same_rows_as_one_process(tmp_path, tokenizer, monkeypatch):
+    import dolphin_forge.data.preprocess as module
+
+    path = corrupted_file(tmp_path)
+    single = preprocess(make_config(tmp_path / "a", [{"path": str(path)}]), tokenizer=tokenizer, processes=1)
+    monkeypatch.setattr(module, "POOL_MIN_ROWS", 0)
+    monkeypatch.setattr(module, "CHUNK_ROWS", 7)
+    pooled = preprocess(make_config(tmp_path / "b", [{"path": str(path)}]), tokenizer=tokenizer, processes=2)
+    assert pooled.report["rows_dropped"] == single.report["rows_dropped"]
+    assert pooled.train.to_dict() == single.train.to_dict()

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The demo recipe on the embedded SmolLM2-135M-Instruct, as far as the stages exist today. Run via `make demo`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+forge=.venv/bin/dolphin-forge
+
+echo "== validate: the dolphin-2.9 seed config, verbatim from its model card"
+$forge validate examples/dolphin-2.9-llama3-8b.yml > /dev/null
+echo "ok"
+
+echo "== preprocess: ShareGPT + Alpaca + function calling, ChatML masks, packing"
+$forge preprocess examples/dolphin-2.9-llama3-8b.smollm2.yml --debug 1
