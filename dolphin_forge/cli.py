@@ -176,6 +176,50 @@ def laser(
     out.print(laser_summary(result))
 
 
+@app.command("eval", context_settings=STAGE)
+def eval_command(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="Axolotl-style YAML config (its `eval:` section)"),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="Model folder (repeat to compare models)"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated harness tasks or suites"),
+    limit: Optional[float] = typer.Option(None, "--limit", help="Examples per task (< 1: a fraction)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local eval data (../shared/data/eval)"),
+    chat: Optional[bool] = typer.Option(None, "--apply-chat-template/--no-chat-template", help="Prompt in ChatML"),
+    batch_size: Optional[str] = typer.Option(None, "--batch-size", help="A number, or auto"),
+    perplexity: Optional[list[Path]] = typer.Option(None, "--perplexity", help="Text file to score (repeatable)"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score only a file's first N tokens"),
+    compare: Optional[list[Path]] = typer.Option(None, "--compare", help="Earlier results.json to compare with"),
+    output: Optional[Path] = typer.Option(None, "--output", help="Folder for results.json and report.md"),
+    strict: bool = typer.Option(False, "--strict", help="Unknown keys are errors"),
+) -> None:
+    """Perplexity and lm-evaluation-harness tasks (offline from local files); JSON plus the cards' tables."""
+    from dolphin_forge.evaluate.run import eval_settings, run_eval
+
+    loaded = _load(config, ctx, strict)
+    settings = eval_settings(
+        loaded.config,
+        models=model,
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+        limit=limit,
+        data_dir=str(data_dir) if data_dir else None,
+        apply_chat_template=chat,
+        batch_size=batch_size if batch_size in (None, "auto") else _int_option("--batch-size", batch_size),
+        perplexity_files=[str(p) for p in perplexity] if perplexity else None,
+        max_tokens=max_tokens,
+        output_dir=str(output) if output else None,
+    )
+    _, written = run_eval(loaded.config, loaded.path, settings=settings, compare=compare or [], notify=console.print)
+    out.print(written["report"].read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
+    for kind, path in written.items():
+        console.print(f"{kind}: {path}")
+
+
+def _int_option(name: str, value: str) -> int:
+    if not value.isdigit():
+        raise ForgeError(f"{name} {value!r}: expected a whole number or auto")
+    return int(value)
+
+
 def main() -> None:
     try:
         app()

@@ -40,7 +40,7 @@ from dolphin_forge.errors import ForgeError
 
 FORMAT_VERSION = 1
 CHUNK_ROWS = 4096
-POOL_MIN_ROWS = 50_000
+POOL_MIN_BYTES = 64 << 20
 EXAMPLES_PER_REASON = 5
 
 
@@ -217,6 +217,10 @@ def _count_rows(paths: list[Path]) -> int | None:
     return total
 
 
+def _input_bytes(paths: list[Path]) -> int:
+    return sum(f.stat().st_size if f.is_file() else 0 for p in paths for f in list_data_files(p))
+
+
 def _encode_all(
     config: ForgeConfig, config_path: Path | None, tokenizer: Any, processes: int, progress: Any
 ) -> tuple[list[tuple[list[int], list[int]]], _Tally]:
@@ -338,8 +342,7 @@ def preprocess(
     started = time.perf_counter()
     processes = processes or config.dataset_processes or (os.cpu_count() or 1)
     with _progress(progress) as bar:
-        rows_hint = _count_rows(_dataset_paths(config, config_path)) or 0
-        use_pool = processes > 1 and rows_hint >= POOL_MIN_ROWS
+        use_pool = processes > 1 and _input_bytes(_dataset_paths(config, config_path)) >= POOL_MIN_BYTES
         samples, tally = _encode_all(config, config_path, tokenizer, processes if use_pool else 1, bar)
     if not samples:
         raise ForgeError(f"datasets: no usable rows (dropped: {dict(tally.dropped) or 'none read'})")

@@ -111,13 +111,13 @@ def test_excess_length_strategies(tmp_path, tokenizer):
 def test_shared_alpaca_and_sharegpt_pack_at_least_99_5_percent(tmp_path, tokenizer, shared_data):
     config = make_config(
         tmp_path,
-        [{"path": str(shared_data / "alpaca" / "alpaca_data_5000_sample.json"), "type": "alpaca"},
-         {"path": str(shared_data / "sharegpt" / "fastchat_dummy_conversation.json"), "type": "sharegpt"}],
+        [{"path": str(shared_data / "alpaca"), "type": "alpaca"},  # both files of the folder
+         {"path": str(shared_data / "sharegpt"), "type": "sharegpt"}],
         sequence_len=2048,
     )
     report = preprocess(config, tokenizer=tokenizer).report
-    assert report["rows_read"] == 5500
-    assert report["rows_kept"] + sum(report["rows_dropped"].values()) == 5500
+    assert report["rows_read"] == 5000 + 999 + 500
+    assert report["rows_kept"] + sum(report["rows_dropped"].values()) == report["rows_read"]
     assert report["packing_efficiency"] >= 0.995
     assert report["trainable_tokens"] < report["total_tokens"]
 
@@ -140,8 +140,22 @@ def test_process_pool_gives_the_same_rows_as_one_process(tmp_path, tokenizer, mo
 
     path = corrupted_file(tmp_path)
     single = preprocess(make_config(tmp_path / "a", [{"path": str(path)}]), tokenizer=tokenizer, processes=1)
-    monkeypatch.setattr(module, "POOL_MIN_ROWS", 0)
+    monkeypatch.setattr(module, "POOL_MIN_BYTES", 0)
     monkeypatch.setattr(module, "CHUNK_ROWS", 7)
     pooled = preprocess(make_config(tmp_path / "b", [{"path": str(path)}]), tokenizer=tokenizer, processes=2)
     assert pooled.report["rows_dropped"] == single.report["rows_dropped"]
     assert pooled.train.to_dict() == single.train.to_dict()
+
+
+def test_a_seed_config_verbatim_drives_preprocess_with_paths_overridden(tmp_path, tokenizer, shared_data):
+    from tests.test_config import seed_yaml
+
+    path = tmp_path / "seed.yml"
+    path.write_text(seed_yaml("dolphin-2.9-llama3-8b"))
+    data = str(shared_data / "sharegpt" / "fastchat_dummy_conversation.json")
+    loaded = load_config(path, overrides={
+        "base_model": "default", "datasets": f"[{{path: {data}, type: sharegpt, conversation: chatml}}]",
+        "dataset_prepared_path": str(tmp_path / "prepared")})
+    prepared = preprocess(loaded.config, loaded.path, tokenizer=tokenizer)
+    assert prepared.report["rows_kept"] == 500 and prepared.report["sequence_len"] == 4096
+    assert prepared.report["val_samples"] == 1  # val_set_size 0.0002 of 500 rows, rounded up
