@@ -143,8 +143,32 @@ def _encoder_for(tokenizer: Any, config: ForgeConfig, dataset: DatasetConfig) ->
 
 
 @dataclass
+class _Samples:
+    """Encoded samples back to back in flat int32 arrays (4 bytes a token, not a Python int each)."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+
+    @classmethod
+    def join(cls, parts: list[_Samples]) -> _Samples:
+        if not parts:
+            empty = np.zeros(0, dtype=np.int32)
+            return cls(empty, empty, np.zeros(0, dtype=np.int64))
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("input_ids", "labels", "lengths")))
+
+    def select(self, indices: np.ndarray) -> _Samples:
+        """The given samples, in the given order (one vectorised gather)."""
+        starts = np.concatenate([[0], np.cumsum(self.lengths)])[:-1][indices]
+        lengths = self.lengths[indices]
+        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        gather = np.repeat(starts, lengths) + within
+        return _Samples(self.input_ids[gather], self.labels[gather], lengths)
+
+
+@dataclass
 class _ChunkResult:
-    samples: list[tuple[list[int], list[int]]]
+    samples: _Samples
     problems: list[tuple[str, str]]  # (reason, where)
     truncated: int
 
@@ -161,7 +185,7 @@ def _encode_chunk(
             conversations.append(to_conversation(item, dataset))
         except RowProblem as problem:
             problems.append((problem.reason, f"{problem}"))
-    samples, truncated = [], 0
+    kept, truncated = [], 0
     for conversation, sample in zip(conversations, encoder.encode(conversations), strict=True):
         where = f"{conversation.source}:{conversation.row}"
         if len(sample.input_ids) > config.sequence_len:
@@ -179,8 +203,12 @@ def _encode_chunk(
         if sample.trainable == 0:
             problems.append(("no_trainable_tokens", f"{where}: no token of this row is trained"))
             continue
-        samples.append((sample.input_ids, sample.labels))
-    return _ChunkResult(samples, problems, truncated)
+        kept.append(sample)
+    lengths = np.fromiter((len(s.input_ids) for s in kept), dtype=np.int64, count=len(kept))
+    total = int(lengths.sum())
+    ids = np.fromiter((t for s in kept for t in s.input_ids), dtype=np.int32, count=total)
+    labels = np.fromiter((t for s in kept for t in s.labels), dtype=np.int32, count=total)
+    return _ChunkResult(_Samples(ids, labels, lengths), problems, truncated)
 
 
 _WORKER: dict[str, Any] = {}
@@ -223,15 +251,15 @@ def _input_bytes(paths: list[Path]) -> int:
 
 def _encode_all(
     config: ForgeConfig, config_path: Path | None, tokenizer: Any, processes: int, progress: Any
-) -> tuple[list[tuple[list[int], list[int]]], _Tally]:
+) -> tuple[_Samples, _Tally]:
     tally = _Tally()
-    samples: list[tuple[list[int], list[int]]] = []
+    parts: list[_Samples] = []
     paths = _dataset_paths(config, config_path)
     task = progress.add_task("tokenising", total=_count_rows(paths)) if progress else None
 
     def absorb(result: _ChunkResult, rows: int) -> None:
         tally.rows_read += rows
-        samples.extend(result.samples)
+        parts.append(result.samples)
         tally.truncated += result.truncated
         for reason, where in result.problems:
             tally.drop(reason, where)
@@ -262,7 +290,8 @@ def _encode_all(
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    tally.rows_kept = len(samples)
+    samples = _Samples.join(parts)
+    tally.rows_kept = int(samples.lengths.size)
     return samples, tally
 
 
@@ -277,14 +306,6 @@ def _split(n: int, config: ForgeConfig) -> tuple[np.ndarray, np.ndarray]:
     if n_val >= n and n > 0:
         raise ForgeError(f"val_set_size: {size} leaves no training rows out of {n}")
     return order[n_val:], order[:n_val]
-
-
-def _flat(samples: list[tuple[list[int], list[int]]], indices: np.ndarray) -> tuple[np.ndarray, ...]:
-    lengths = np.fromiter((len(samples[i][0]) for i in indices), dtype=np.int64, count=len(indices))
-    total = int(lengths.sum())
-    ids = np.fromiter((t for i in indices for t in samples[i][0]), dtype=np.int32, count=total)
-    labels = np.fromiter((t for i in indices for t in samples[i][1]), dtype=np.int32, count=total)
-    return ids, labels, lengths
 
 
 def _to_dataset(packed: PackedRows) -> Any:
@@ -306,9 +327,9 @@ def _to_dataset(packed: PackedRows) -> Any:
     return Dataset(table)
 
 
-def _pack(samples: list, indices: np.ndarray, capacity: int | None) -> PackedRows:
-    ids, labels, lengths = _flat(samples, indices)
-    return pack_sequences(ids, labels, lengths, capacity)
+def _pack(samples: _Samples, indices: np.ndarray, capacity: int | None) -> PackedRows:
+    chosen = samples.select(indices)
+    return pack_sequences(chosen.input_ids, chosen.labels, chosen.lengths, capacity)
 
 
 def _load_cached(folder: Path) -> PreparedData:
@@ -344,9 +365,9 @@ def preprocess(
     with _progress(progress) as bar:
         use_pool = processes > 1 and _input_bytes(_dataset_paths(config, config_path)) >= POOL_MIN_BYTES
         samples, tally = _encode_all(config, config_path, tokenizer, processes if use_pool else 1, bar)
-    if not samples:
+    if not samples.lengths.size:
         raise ForgeError(f"datasets: no usable rows (dropped: {dict(tally.dropped) or 'none read'})")
-    train_idx, val_idx = _split(len(samples), config)
+    train_idx, val_idx = _split(int(samples.lengths.size), config)
     capacity = config.sequence_len if config.sample_packing else None
     eval_packing = config.sample_packing if config.eval_sample_packing is None else config.eval_sample_packing
     train = _pack(samples, train_idx, capacity)
