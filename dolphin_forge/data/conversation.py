@@ -38,14 +38,20 @@ class Conversation:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def _wrap(body: Any, opening: str, closing: str) -> str:
+    """Wrap once: text that is already a block (e.g. a curated file read back) is left as it is."""
+    text = (body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)).strip()
+    if text.startswith(opening) and text.endswith(closing):
+        return text
+    return f"{opening}\n{text}\n{closing}"
+
+
 def format_tool_call(call: str | dict[str, Any]) -> str:
-    body = call if isinstance(call, str) else json.dumps(call, ensure_ascii=False)
-    return f"{TOOL_CALL_OPEN}\n{body.strip()}\n{TOOL_CALL_CLOSE}"
+    return _wrap(call, TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
 
 
 def format_tool_result(result: str | dict[str, Any] | list[Any]) -> str:
-    body = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
-    return f"{TOOL_RESPONSE_OPEN}\n{body.strip()}\n{TOOL_RESPONSE_CLOSE}"
+    return _wrap(result, TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE)
 
 
 def format_tools(tools: str | list[Any]) -> str:

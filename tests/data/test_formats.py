@@ -39,6 +39,15 @@ def test_function_call_roles_become_tool_call_and_tool_turns():
     assert messages[3].content == '<tool_response>\n{"ok": true}\n</tool_response>'
 
 
+def test_tool_blocks_are_wrapped_once():
+    wrapped = normalise({"conversations": [
+        {"from": "human", "value": "Q"},
+        {"from": "function_call", "value": '<tool_call>\n{"name": "f"}\n</tool_call>'},
+        {"from": "tool", "value": "<tool_response>\n1\n</tool_response>"}]})
+    assert wrapped[1].content == '<tool_call>\n{"name": "f"}\n</tool_call>'
+    assert wrapped[2].content == "<tool_response>\n1\n</tool_response>"
+
+
 def test_openai_messages_with_tool_calls():
     messages = normalise(
         {"messages": [
