@@ -103,7 +103,9 @@ def curate(
     ctx: typer.Context,
     config: Path = typer.Argument(..., help="Axolotl-style YAML config with a `curate:` section (or `datasets:`)"),
     strict: bool = typer.Option(False, "--strict", help="Unknown keys are errors"),
-    samples: bool = typer.Option(True, "--samples/--no-samples", help="Print a sample of rejected rows per filter"),
+    samples: bool = typer.Option(
+        True, "--samples/--no-samples", help="Print the rejected rows sampled per filter (how many: --curate.samples N)"
+    ),
 ) -> None:
     """Clean, deduplicate, de-refuse and add system prompts: raw chat/instruction files into one ShareGPT JSONL."""
     from dolphin_forge.curate import curate as run_curate
@@ -111,7 +113,7 @@ def curate(
 
     loaded = _load(config, ctx, strict)
     result = run_curate(loaded.config, loaded.path, progress=True)
-    print_report(result.report, out, show_samples=samples)
+    print_report(result.report, out, show_samples=samples, samples_per_filter=loaded.config.curate.samples)
 
 
 @app.command(context_settings=STAGE)
@@ -150,7 +152,7 @@ def spectrum(
 ) -> None:
     """Spectrum: rank layer matrices by signal-to-noise ratio and write `unfrozen_parameters` for the top share."""
     from dolphin_forge.spectral.report import snr_table
-    from dolphin_forge.spectral.spectrum import run_spectrum
+    from dolphin_forge.spectral.stages import run_spectrum
 
     loaded = _load(config, ctx, strict)
     result = run_spectrum(loaded.config, loaded.path, top_percent, write_config, progress=True)
