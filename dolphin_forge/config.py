@@ -520,9 +520,9 @@ def load_config(
             where = f"{source}:{mark.line + 1}" if mark else source
             raise ForgeError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
         lines = _key_lines(text)
-    data = dict(data or {})
-    if not isinstance(data, dict):
+    if not isinstance(data or {}, dict):
         raise ForgeError(f"{source}: expected a mapping of keys to values at the top level")
+    data = dict(data or {})
     data = apply_overrides(data, overrides or {})
     strict = strict or data.get("strict") is True
     inert = {k for k in INERT_AXOLOTL_KEYS}

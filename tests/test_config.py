@@ -137,6 +137,10 @@ def test_val_set_size_fraction_or_count_and_derived_steps():
 def test_missing_file_and_bad_yaml_are_one_line(tmp_path):
     with pytest.raises(ForgeError, match="config file not found"):
         load_config(tmp_path / "nope.yml")
+    listed = tmp_path / "list.yml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ForgeError, match="expected a mapping of keys to values"):
+        load_config(listed)
     path = tmp_path / "broken.yml"
     path.write_text("a: 1\nb: [1, 2\n")
     with pytest.raises(ForgeError, match=rf"{re.escape(str(path))}:\d+: not valid YAML"):
