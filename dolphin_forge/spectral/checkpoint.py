@@ -1,0 +1,132 @@
+"""Reading a model's weights one tensor at a time, straight from its safetensors files.
+
+Spectral scans must not load the whole model: a 12B model in fp32 is 48 GB. Each tensor is read through its own
+short-lived `safe_open`, so the memory map (whose touched pages count as resident memory) is released after every
+read and peak memory stays near the largest single tensor. Only safetensors are read; pickled `.bin` checkpoints
+are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from dolphin_forge.errors import ForgeError
+
+INDEX_FILE = "model.safetensors.index.json"
+
+#: `model.layers.12.mlp.down_proj.weight` -> prefix `model.layers`, layer 12, module type `mlp.down_proj`.
+_LAYER_WEIGHT = re.compile(r"^(?P<prefix>.*?)\.(?P<layer>\d+)\.(?P<type>.+)\.weight$")
+
+
+@dataclass(frozen=True)
+class LayerMatrix:
+    """A 2-D weight inside a numbered layer: where it is stored and what kind of matrix it is."""
+
+    tensor: str  # tensor name, e.g. model.layers.3.mlp.up_proj.weight
+    module: str  # module name, e.g. model.layers.3.mlp.up_proj
+    module_type: str  # e.g. mlp.up_proj
+    layer: int
+    shape: tuple[int, int]
+    file: Path
+
+
+class Checkpoint:
+    """The tensor index of a local HF model folder (single file or sharded)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.files = self._tensor_files()
+        self.shapes = self._shapes()
+
+    def _tensor_files(self) -> dict[str, Path]:
+        if not self.folder.is_dir():
+            raise ForgeError(f"model: {self.folder} is not a folder")
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError):
+                raise ForgeError(f"{index}: expected a JSON object with a `weight_map`") from None
+            return {name: self.folder / file for name, file in weight_map.items()}
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            found = sorted(p.name for p in self.folder.glob("*.bin"))
+            hint = f" (found {', '.join(found)}: pickled weights are not read; convert them to safetensors)" if found else ""
+            raise ForgeError(f"model: {self.folder} has no .safetensors weights{hint}")
+        names: dict[str, Path] = {}
+        for file in files:
+            with safe_open(file, framework="pt") as handle:
+                names.update({name: file for name in handle.keys()})
+        return names
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for file in sorted(set(self.files.values())):
+            if not file.is_file():
+                raise ForgeError(f"model: {file} is listed in {INDEX_FILE} but missing")
+            with safe_open(file, framework="pt") as handle:
+                for name in handle.keys():
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        return shapes
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, copied out of its file; the file mapping is closed again before returning."""
+        with safe_open(self.files[name], framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def layer_matrices(
+        self, module_types: list[str], layers: list[int] | None = None, section: str = "spectrum"
+    ) -> list[LayerMatrix]:
+        """The 2-D layer weights whose module type is one of `module_types` (a full type or its last part).
+
+        Raises ForgeError naming the config key (under `section`) and the types that match nothing, so a typo is not silently
+        an empty scan; likewise when `layers` selects nothing.
+        """
+        found: list[LayerMatrix] = []
+        used: set[str] = set()
+        for name, shape in self.shapes.items():
+            match = _LAYER_WEIGHT.match(name)
+            if match is None or len(shape) != 2:
+                continue
+            module_type = match["type"]
+            wanted = next((t for t in module_types if module_type == t or module_type.endswith("." + t)), None)
+            if wanted is None:
+                continue
+            used.add(wanted)
+            if layers is not None and int(match["layer"]) not in layers:
+                continue
+            found.append(
+                LayerMatrix(
+                    tensor=name,
+                    module=name.removesuffix(".weight"),
+                    module_type=module_type,
+                    layer=int(match["layer"]),
+                    shape=(int(shape[0]), int(shape[1])),
+                    file=self.files[name],
+                )
+            )
+        unknown = [t for t in module_types if t not in used]
+        if unknown:
+            types = sorted({m["type"] for n, s in self.shapes.items() if len(s) == 2 and (m := _LAYER_WEIGHT.match(n))})
+            raise ForgeError(
+                f"{section}.module_types: {', '.join(unknown)} match no 2-D layer weight in {self.folder} "
+                f"(this model has: {', '.join(types) or 'none'})"
+            )
+        if layers is not None and not found:
+            present = sorted({int(m["layer"]) for n in self.shapes if (m := _LAYER_WEIGHT.match(n))})
+            raise ForgeError(f"{section}.layers: {layers} selects no layer of {self.folder} (it has layers {present[0]}..{present[-1]})")
+        return sorted(found, key=lambda m: (m.layer, m.module_type))
+
+    def embedding_tensors(self) -> list[str]:
+        """2-D weights outside the numbered layers (token embeddings, an untied output head), head first."""
+        outside = [n for n, s in self.shapes.items() if len(s) == 2 and _LAYER_WEIGHT.match(n) is None]
+        return sorted(outside, key=lambda n: (not any(k in n for k in ("lm_head", "embed_out", "output")), n))

@@ -1,0 +1,201 @@
+"""LASER-RMT: replace chosen weight matrices by low-rank approximations, ranks from random matrix theory.
+
+LASER (Sharma, Ash, Misra 2023, arXiv 2312.13558) found that replacing some weight matrices by a truncated SVD
+improves a model; the dolphin-2.6 "laser" release chose each rank with the Marchenko-Pastur threshold instead of
+a brute-force search over ranks. For each candidate matrix W (float64 SVD, computed once per attempt):
+
+    k = number of singular values above the threshold (`thresholds`: reference Marchenko-Pastur or Gavish-Donoho)
+    W <- U[:, :k] diag(S[:k]) Vh[:k]
+
+The change is scored by perplexity on the search part of a held-out text and kept only if that perplexity does not
+get worse; otherwise the original weight, saved before the change, is copied back bit for bit. Candidates are
+tried lowest SNR first (the noisiest matrices, per Spectrum's definition) or from the last layer down, until
+`max_changes` are kept or the attempt or time budget is spent.
+
+Speed: the search text is tokenised once and cut to a fixed token budget; perplexity runs batched under no_grad
+(`evaluate.perplexity`), in non-overlapping windows; and the layers below a candidate are not recomputed
+(`prefix_cache`). A separate held-out part of the same text, never seen by the search, measures the result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from dolphin_forge.config import LaserConfig
+from dolphin_forge.evaluate.perplexity import PerplexityResult, perplexity_of_ids
+from dolphin_forge.spectral.prefix_cache import PrefixCachedLM, decoder_layers
+from dolphin_forge.spectral.scan import MatrixSpectrum
+from dolphin_forge.spectral.thresholds import ThresholdMode, noise_threshold, signal_rank
+
+
+@dataclass
+class LaserAttempt:
+    """One candidate: what was tried, what it did to search perplexity, and whether it was kept."""
+
+    module: str
+    layer: int
+    snr: float
+    rank_before: int
+    rank_after: int
+    perplexity_before: float
+    perplexity_after: float | None  # None when nothing was tried (no singular value to cut)
+    kept: bool
+    reason: str
+    seconds: float
+
+
+@dataclass
+class LaserResult:
+    threshold: str
+    search_tokens: int
+    baseline: PerplexityResult
+    final: PerplexityResult
+    attempts: list[LaserAttempt] = field(default_factory=list)
+    prefix_cache: bool = False
+    stopped_by: str = "candidates exhausted"
+    seconds: float = 0.0
+
+    @property
+    def kept(self) -> list[str]:
+        return [a.module for a in self.attempts if a.kept]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "search_tokens": self.search_tokens,
+            "baseline": asdict(self.baseline),
+            "final": asdict(self.final),
+            "kept": self.kept,
+            "stopped_by": self.stopped_by,
+            "prefix_cache": self.prefix_cache,
+            "seconds": round(self.seconds, 3),
+            "attempts": [asdict(a) for a in self.attempts],
+        }
+
+
+def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> int:
+    """Rank at the stored precision: singular values above max(n, m) * eps(dtype) * largest."""
+    tolerance = max(shape) * torch.finfo(dtype).eps * float(singular_values[0])
+    return int((singular_values > tolerance).sum())
+
+
+@torch.no_grad()
+def low_rank(weight: torch.Tensor, mode: ThresholdMode) -> tuple[torch.Tensor, int, int]:
+    """(W truncated to the signal rank, in W's dtype; rank before; rank after), from one float64 SVD."""
+    u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+    n, m = weight.shape
+    k = signal_rank(s, noise_threshold(s, n, m, mode))
+    reduced = (u[:, :k] * s[:k]) @ vh[:k]
+    return reduced.to(weight.dtype), numerical_rank(s, (n, m), weight.dtype), k
+
+
+def order_candidates(matrices: list[MatrixSpectrum], order: str, module_types: list[str]) -> list[MatrixSpectrum]:
+    """Lowest SNR first, or from the last layer down (module types in configured order within a layer)."""
+    if order == "last_layer_first":
+
+        def type_position(matrix: MatrixSpectrum) -> int:
+            wanted = (i for i, t in enumerate(module_types) if matrix.module_type == t or matrix.module_type.endswith("." + t))
+            return next(wanted, len(module_types))
+
+        return sorted(matrices, key=lambda m: (-m.layer, type_position(m)))
+    return sorted(matrices, key=lambda m: (m.snr, m.module))
+
+
+class Scorer:
+    """Search perplexity of the current model, reusing unchanged layers through `PrefixCachedLM` when it is exact."""
+
+    def __init__(self, model: Any, ids: torch.Tensor, max_length: int, batch_size: int, prefix_cache: bool = True):
+        self.model, self.ids, self.max_length, self.batch_size = model, ids, max_length, batch_size
+        self.cached: PrefixCachedLM | None = None
+        if prefix_cache and decoder_layers(model) is not None:
+            self.cached = PrefixCachedLM(model, tokens_per_pass=ids.numel())
+        self.baseline = self._run(self.cached or model)
+        if self.cached is not None:
+            self.cached.commit()
+            if not self._verified():
+                self.cached = None
+
+    def _run(self, model: Any) -> PerplexityResult:
+        return perplexity_of_ids(
+            model, self.ids, max_length=self.max_length, stride=self.max_length, batch_size=self.batch_size
+        )
+
+    def _verified(self) -> bool:
+        """A pass from the last cached layer must reproduce the full pass exactly, or caching is not used."""
+        assert self.cached is not None
+        with self.cached.starting_at(len(self.cached.layers) - 1):
+            again = self._run(self.cached)
+        return again.nll == self.baseline.nll
+
+    def score(self, layer: int) -> PerplexityResult:
+        """Perplexity after a change to a matrix of decoder layer `layer` (only layers from there on are run)."""
+        if self.cached is None:
+            return self._run(self.model)
+        with self.cached.starting_at(layer):
+            return self._run(self.cached)
+
+    def keep(self) -> None:
+        if self.cached is not None:
+            self.cached.commit()
+
+
+def laser_search(
+    model: Any,
+    search_ids: torch.Tensor,
+    candidates: list[MatrixSpectrum],
+    settings: LaserConfig,
+    on_attempt: Callable[[LaserAttempt, int], None] | None = None,
+    prefix_cache: bool = True,
+) -> LaserResult:
+    """Try each candidate in order; keep a change only if search perplexity does not get worse."""
+    start = time.perf_counter()
+    params = dict(model.named_parameters())
+    scorer = Scorer(model, search_ids, settings.max_length, settings.batch_size, prefix_cache)
+    current = scorer.baseline
+    result = LaserResult(settings.threshold, int(search_ids.numel()), scorer.baseline, current)
+    result.prefix_cache = scorer.cached is not None
+    tried = 0
+    for index, candidate in enumerate(candidates):
+        if len(result.kept) >= settings.max_changes:
+            result.stopped_by = f"max_changes ({settings.max_changes}) kept"
+            break
+        if settings.max_attempts is not None and tried >= settings.max_attempts:
+            result.stopped_by = f"max_attempts ({settings.max_attempts}) spent"
+            break
+        if settings.time_budget_minutes is not None and time.perf_counter() - start > settings.time_budget_minutes * 60:
+            result.stopped_by = f"time budget ({settings.time_budget_minutes:g} min) spent"
+            break
+        began = time.perf_counter()
+        param = params[f"{candidate.module}.weight"]
+        reduced, rank_before, rank_after = low_rank(param, settings.threshold)
+        attempt = LaserAttempt(
+            candidate.module, candidate.layer, candidate.snr, rank_before, rank_after, current.perplexity,
+            None, False, "", 0.0,
+        )
+        if rank_after >= rank_before:
+            attempt.reason = "no singular value below threshold"
+        else:
+            tried += 1
+            original = param.detach().clone()
+            with torch.no_grad():
+                param.copy_(reduced)
+            scored = scorer.score(candidate.layer)
+            attempt.perplexity_after = scored.perplexity
+            if scored.nll <= current.nll:
+                attempt.kept, current = True, scored
+                scorer.keep()
+            else:
+                with torch.no_grad():
+                    param.copy_(original)
+                attempt.reason = "worse"
+        attempt.seconds = time.perf_counter() - began
+        result.attempts.append(attempt)
+        if on_attempt is not None:
+            on_attempt(attempt, index)
+    result.final = current
+    result.seconds = time.perf_counter() - start
+    return result

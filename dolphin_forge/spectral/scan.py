@@ -1,0 +1,141 @@
+"""Spectrum: rank every layer matrix by its signal-to-noise ratio and pick the top share of each module type.
+
+The public Spectrum tool loads the whole model in fp32 and runs `svdvals` module after module. Here each matrix is
+read alone from safetensors (`checkpoint`), its singular values come from a float64 Gram eigensolve (`snr`), and
+several matrices are processed at once by a thread pool (torch releases the GIL inside its kernels), so the scan
+uses every core while holding only `workers` matrices in memory. The SNR and the top-share selection follow the
+reference tool exactly: per module type, sort by SNR descending and keep ``int(count * top_percent / 100)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from dolphin_forge.spectral.checkpoint import Checkpoint, LayerMatrix
+from dolphin_forge.spectral.snr import matrix_snr
+from dolphin_forge.spectral.thresholds import ThresholdMode, signal_rank
+
+
+@dataclass(frozen=True)
+class MatrixSpectrum:
+    """One matrix's scan result."""
+
+    module: str
+    module_type: str
+    layer: int
+    shape: tuple[int, int]
+    snr: float
+    sigma_max: float
+    threshold: float
+    signal_rank: int  # singular values above the threshold
+
+
+@dataclass
+class SpectrumScan:
+    """Every scanned matrix plus what is needed to write names that exist in this checkpoint."""
+
+    model: str
+    threshold: str
+    matrices: list[MatrixSpectrum]
+    embedding_tensors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def by_type(self) -> dict[str, list[MatrixSpectrum]]:
+        """Matrices grouped by module type (types sorted), each group sorted by SNR, highest first."""
+        groups: dict[str, list[MatrixSpectrum]] = {}
+        for matrix in self.matrices:
+            groups.setdefault(matrix.module_type, []).append(matrix)
+        return {t: sorted(groups[t], key=lambda m: -m.snr) for t in sorted(groups)}
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "threshold": self.threshold,
+            "seconds": round(self.seconds, 3),
+            "embedding_tensors": self.embedding_tensors,
+            "matrices": [asdict(m) for m in self.matrices],
+        }
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+@contextmanager
+def _threads_per_worker(workers: int) -> Iterator[None]:
+    """Split the cores between concurrent workers so their kernels do not oversubscribe the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _scan_one(checkpoint: Checkpoint, matrix: LayerMatrix, mode: ThresholdMode, device: torch.device) -> MatrixSpectrum:
+    snr, threshold, s = matrix_snr(checkpoint.read(matrix.tensor).to(device), mode)
+    return MatrixSpectrum(
+        module=matrix.module,
+        module_type=matrix.module_type,
+        layer=matrix.layer,
+        shape=matrix.shape,
+        snr=snr,
+        sigma_max=float(s[0]),
+        threshold=threshold,
+        signal_rank=signal_rank(s, threshold),
+    )
+
+
+def scan_model(
+    model_dir: str | Path,
+    module_types: list[str],
+    mode: ThresholdMode = "marchenko_pastur",
+    workers: int | None = None,
+    layers: list[int] | None = None,
+    progress: bool = False,
+    section: str = "spectrum",
+) -> SpectrumScan:
+    """Scan every matching layer matrix of a safetensors model folder, one tensor at a time.
+
+    `section` names the config section in error messages (`spectrum` or `laser`).
+    """
+    start = time.perf_counter()
+    checkpoint = Checkpoint(model_dir)
+    matrices = checkpoint.layer_matrices(module_types, layers, section=section)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    workers = 1 if device.type == "cuda" else (workers or default_workers())
+    results: list[MatrixSpectrum] = []
+    bar = Progress(
+        TextColumn("spectrum"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not progress, transient=True
+    )
+    with bar, _threads_per_worker(workers), ThreadPoolExecutor(max_workers=workers) as pool:
+        task = bar.add_task("scan", total=len(matrices))
+        for result in pool.map(lambda mx: _scan_one(checkpoint, mx, mode, device), matrices):
+            results.append(result)
+            bar.advance(task)
+    return SpectrumScan(
+        model=str(model_dir),
+        threshold=mode,
+        matrices=results,
+        embedding_tensors=checkpoint.embedding_tensors(),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def select_top(scan: SpectrumScan, top_percent: float) -> dict[str, list[MatrixSpectrum]]:
+    """Per module type, the highest-SNR `top_percent` of its matrices (reference rounding: floor)."""
+    return {t: group[: int(len(group) * top_percent / 100)] for t, group in scan.by_type().items()}
+
+
+def write_scan_json(scan: SpectrumScan, path: Path) -> None:
+    path.write_text(json.dumps(scan.to_json(), indent=1))

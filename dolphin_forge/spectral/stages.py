@@ -1,0 +1,185 @@
+"""The `spectrum` and `laser` stages as library calls: resolve inputs from the config, run, write every output.
+
+`run_spectrum` writes the SNR JSON, the heat map and the `unfrozen_parameters` fragment (optionally merged into a
+training config). `run_laser` loads the model, tokenises the eval text once, splits it into a search part and a
+held-out part, runs the search, measures the held-out part before and after, and saves the modified model as a
+normal HF folder with a JSON log and a PNG of the search. The CLI only parses arguments and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from dolphin_forge.config import ForgeConfig, resolve_path
+from dolphin_forge.errors import ForgeError
+from dolphin_forge.evaluate.perplexity import PerplexityResult, perplexity_of_ids, tokenize_text
+from dolphin_forge.models.default import resolve_model_path
+from dolphin_forge.models.load import load_model, load_tokenizer
+from dolphin_forge.spectral.laser import LaserAttempt, LaserResult, laser_search, order_candidates
+from dolphin_forge.spectral.plots import laser_trace, snr_heatmap
+from dolphin_forge.spectral.scan import SpectrumScan, scan_model, write_scan_json
+from dolphin_forge.spectral.unfrozen import merge_into_config, unfrozen_parameters_yaml
+
+
+@dataclass
+class SpectrumOutputs:
+    scan: SpectrumScan
+    top_percent: float
+    folder: Path
+    json: Path
+    heatmap: Path
+    fragment: Path
+    merged_config: Path | None
+
+
+def model_folder(name: str, config_path: Path | None) -> Path:
+    """`default` or a local folder, relative paths resolved against the working directory, then the config."""
+    if name == "default":
+        return Path(resolve_model_path(name))
+    return Path(resolve_model_path(str(resolve_path(name, config_path))))
+
+
+def run_spectrum(
+    config: ForgeConfig,
+    config_path: Path | None = None,
+    top_percent: float | None = None,
+    write_config: Path | None = None,
+    progress: bool = False,
+) -> SpectrumOutputs:
+    """Scan `spectrum.model` (default: base_model) and write every output into `spectrum.output_dir`.
+
+    `top_percent` overrides `spectrum.top_percent`; `write_config` names a YAML config to merge the list into.
+    """
+    settings = config.spectrum
+    if top_percent is not None:
+        if not 0 < top_percent <= 100:
+            raise ForgeError(f"--top-percent {top_percent:g}: expected a number > 0 and <= 100")
+        settings = settings.model_copy(update={"top_percent": float(top_percent)})
+    model = model_folder(settings.model or config.base_model, config_path)
+    scan = scan_model(model, settings.module_types, settings.threshold, settings.workers, progress=progress)
+    folder = Path(settings.output_dir or Path(config.output_dir) / "spectrum")
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = folder / "snr.json"
+    write_scan_json(scan, json_path)
+    heatmap = snr_heatmap(scan, settings.top_percent, folder / "snr_heatmap.png")
+    fragment_text = unfrozen_parameters_yaml(scan, settings.top_percent)
+    fragment = folder / f"unfrozen_parameters_top{settings.top_percent:g}.yaml"
+    fragment.write_text(fragment_text)
+    merged = merge_into_config(write_config, fragment_text) if write_config is not None else None
+    return SpectrumOutputs(scan, settings.top_percent, folder, json_path, heatmap, fragment, merged)
+
+
+@dataclass
+class LaserOutputs:
+    result: LaserResult
+    heldout_before: PerplexityResult | None
+    heldout_after: PerplexityResult | None
+    folder: Path
+    model_dir: Path
+    log: Path
+    plot: Path
+
+
+def _eval_ids(config: ForgeConfig, config_path: Path | None, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The search tokens and the held-out tokens that follow them, from one tokenisation of `laser.eval_file`."""
+    settings = config.laser
+    if settings.eval_file is None:
+        raise ForgeError("laser.eval_file: set a plain-text file to score changes on (e.g. wikitext2_test.raw)")
+    path = resolve_path(settings.eval_file, config_path)
+    if not path.is_file():
+        raise ForgeError(f"laser.eval_file: {path} not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ForgeError(f"laser.eval_file: {path} is not UTF-8 text (byte {exc.start})") from None
+    needed = settings.search_tokens + settings.heldout_tokens
+    ids = tokenize_text(tokenizer, text, max_tokens=needed)
+    if ids.numel() < needed:
+        raise ForgeError(
+            f"laser.eval_file: {path} has {ids.numel()} tokens; search_tokens + heldout_tokens = {needed} are needed"
+        )
+    search = ids[: settings.search_tokens]
+    heldout = ids[settings.search_tokens :] if settings.heldout_tokens else None
+    return search, heldout
+
+
+def stored_dtype(source: Path) -> torch.dtype | None:
+    """The dtype the source checkpoint declares in its config.json, if any."""
+    declared = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
+    name = declared.get("dtype") or declared.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def save_like_source(model: Any, source: Path, target: Path) -> None:
+    """Save in the source checkpoint's dtype, with the source's tokenizer and other files copied unchanged."""
+    dtype = stored_dtype(source)
+    if dtype is not None and dtype != next(model.parameters()).dtype:
+        model = model.to(dtype)
+    model.save_pretrained(target, safe_serialization=True)
+    for file in source.iterdir():
+        written = (target / file.name).exists()
+        if file.is_file() and not written and not file.name.endswith((".safetensors", ".index.json", ".bin")):
+            shutil.copy2(file, target / file.name)
+
+
+def run_laser(config: ForgeConfig, config_path: Path | None = None, progress: bool = False) -> LaserOutputs:
+    """LASER-RMT on `laser.model` (default: base_model); writes the model, log and plot into `laser.output_dir`."""
+    settings = config.laser
+    model_dir = model_folder(settings.model or config.base_model, config_path)
+    tokenizer = load_tokenizer(config.model_copy(update={"base_model": str(model_dir)}))
+    search_ids, heldout_ids = _eval_ids(config, config_path, tokenizer)
+    scan = scan_model(model_dir, settings.module_types, settings.threshold, layers=settings.layers, section="laser")
+    candidates = order_candidates(scan.matrices, settings.order, settings.module_types)
+
+    # CPU: fp32 (bf16 autocast where native, see evaluate.perplexity). GPU: the checkpoint's own dtype, so weights
+    # that are not changed are saved back bit-identical and a 7B model fits.
+    on_gpu = torch.cuda.is_available()
+    dtype = (stored_dtype(model_dir) or torch.bfloat16) if on_gpu else torch.float32
+    model = load_model(model_dir, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    if on_gpu:
+        model = model.to("cuda")
+
+    def heldout() -> PerplexityResult | None:
+        if heldout_ids is None:
+            return None
+        return perplexity_of_ids(
+            model, heldout_ids, max_length=settings.max_length, stride=settings.max_length, batch_size=settings.batch_size
+        )
+
+    bar = Progress(
+        TextColumn("laser {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        disable=not progress, transient=True,
+    )
+    with bar:
+        task = bar.add_task("held-out perplexity", total=len(candidates))
+        heldout_before = heldout()
+        bar.update(task, description="baseline")
+
+        def advance(attempt: LaserAttempt, index: int) -> None:
+            state = "kept" if attempt.kept else attempt.reason
+            bar.update(task, completed=index + 1, description=f"{attempt.module} {state}")
+
+        result = laser_search(model, search_ids, candidates, settings, on_attempt=advance)
+        heldout_after = heldout()
+
+    folder = Path(settings.output_dir or Path(config.output_dir) / "laser")
+    folder.mkdir(parents=True, exist_ok=True)
+    out_model = folder / "model"
+    save_like_source(model, model_dir, out_model)
+    log = folder / "laser_log.json"
+    record = result.to_json()
+    record["model"] = str(model_dir)
+    record["heldout_tokens"] = 0 if heldout_ids is None else int(heldout_ids.numel())
+    record["heldout_before"] = None if heldout_before is None else asdict(heldout_before)
+    record["heldout_after"] = None if heldout_after is None else asdict(heldout_after)
+    log.write_text(json.dumps(record, indent=1))
+    plot = laser_trace(result.attempts, result.baseline.perplexity, folder / "laser_search.png")
+    return LaserOutputs(result, heldout_before, heldout_after, folder, out_model, log, plot)

@@ -1,0 +1,100 @@
+"""Spectrum's result as training input: the `unfrozen_parameters` list, its YAML fragment, and config merging.
+
+The fragment has the layout of the dolphin-2.9.3 card: the anchored embedding and head tensors first (only those
+that exist: a model with tied embeddings has no `lm_head.weight`), then one `# <type> layers` section per module
+type, highest SNR first. Patterns follow Axolotl's `re.match` semantics (see `models.freeze`), so a module name such
+as `model.layers.3.mlp.up_proj` selects exactly that module's weight (and bias, when there is one).
+
+`merge_into_config` rewrites only the `unfrozen_parameters` block of an existing YAML file and keeps every other
+line, comments included, as the user wrote it; the result is validated before it replaces the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from dolphin_forge.errors import ForgeError
+from dolphin_forge.spectral.scan import SpectrumScan, select_top
+
+KEY = "unfrozen_parameters"
+
+def unfrozen_sections(scan: SpectrumScan, top_percent: float) -> list[tuple[str | None, list[str]]]:
+    """(section title, patterns): the anchored embedding/head tensors that exist, then each type's selection."""
+    sections: list[tuple[str | None, list[str]]] = [(None, [f"^{name}$" for name in scan.embedding_tensors])]
+    for module_type, group in select_top(scan, top_percent).items():
+        sections.append((f"{module_type} layers", [m.module for m in group]))
+    return sections
+
+
+def unfrozen_parameters(scan: SpectrumScan, top_percent: float) -> list[str]:
+    """The `unfrozen_parameters` list itself."""
+    return [pattern for _, patterns in unfrozen_sections(scan, top_percent) for pattern in patterns]
+
+
+def unfrozen_parameters_yaml(scan: SpectrumScan, top_percent: float) -> str:
+    """The YAML fragment in the layout of the dolphin-2.9.3 card: `# <type> layers` sections, highest SNR first."""
+    lines = ["unfrozen_parameters:"]
+    for title, patterns in unfrozen_sections(scan, top_percent):
+        if title is not None:
+            lines.append(f"# {title}")
+        lines += [f"- {pattern}" for pattern in patterns]
+    return "\n".join(lines) + "\n"
+
+
+_TOP_LEVEL_KEY = re.compile(rf"^{KEY}\s*:")
+
+
+def _block_span(lines: list[str]) -> tuple[int, int] | None:
+    """[start, end) of the top-level `unfrozen_parameters:` block: its key line and list items, comments between."""
+    start = next((i for i, line in enumerate(lines) if _TOP_LEVEL_KEY.match(line)), None)
+    if start is None:
+        return None
+    end = start + 1
+    for i in range(start + 1, len(lines)):
+        stripped = lines[i].strip()
+        if stripped.startswith("-"):
+            end = i + 1
+        elif stripped and not stripped.startswith("#") and not lines[i][0].isspace():
+            break
+    return start, end
+
+
+def merge_into_config(config_path: str | Path, fragment: str) -> Path:
+    """Replace (or append) the `unfrozen_parameters` block of a YAML config with `fragment`, atomically."""
+    path = Path(config_path)
+    if not path.is_file():
+        raise ForgeError(f"--write-config {path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        original = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ForgeError(f"{path}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(original, dict):
+        raise ForgeError(f"{path}: expected a mapping of keys to values at the top level")
+    lines = text.splitlines()
+    span = _block_span(lines)
+    new_block = fragment.rstrip("\n").splitlines()
+    if span is None:
+        merged = lines + ([""] if lines and lines[-1].strip() else []) + new_block
+    else:
+        merged = lines[: span[0]] + new_block + lines[span[1] :]
+    merged_text = "\n".join(merged) + "\n"
+    expected = yaml.safe_load(fragment)[KEY]
+    parsed = yaml.safe_load(merged_text)
+    if parsed.get(KEY) != expected or {k: v for k, v in parsed.items() if k != KEY} != {
+        k: v for k, v in original.items() if k != KEY
+    }:
+        raise ForgeError(
+            f"{path}: could not merge `{KEY}` without disturbing other keys (is it written in flow style?); "
+            "paste the fragment by hand"
+        )
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(merged_text)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,158 @@
+"""Spectrum scan on tiny saved models: SNR per matrix, names that exist, the YAML fragment, training freeze."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from dolphin_forge.config import load_config
+from dolphin_forge.errors import ForgeError
+from dolphin_forge.models.freeze import apply_unfrozen_parameters
+from dolphin_forge.spectral.scan import scan_model, select_top
+from dolphin_forge.spectral.unfrozen import merge_into_config, unfrozen_parameters, unfrozen_parameters_yaml
+from tests.spectral.reference import spectrum_reference
+from tests.tiny import build_tiny_model
+
+TYPES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def save(model, folder: Path) -> Path:
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def four_layer_dir(tmp_path_factory, tokenizer) -> Path:
+    """Untied embeddings, 4 layers: two selected per type at 50%."""
+    return save(build_tiny_model(tokenizer, num_hidden_layers=4, seed=1), tmp_path_factory.mktemp("m") / "untied")
+
+
+def test_scan_matches_numpy_reference_for_every_matrix(four_layer_dir):
+    scan = scan_model(four_layer_dir, TYPES, workers=2)
+    weights = load_file(four_layer_dir / "model.safetensors")
+    assert len(scan.matrices) == 4 * 7
+    for m in scan.matrices:
+        ref_snr, ref_threshold, s = spectrum_reference(weights[m.module + ".weight"].numpy())
+        assert m.snr == pytest.approx(ref_snr, rel=1e-6), m.module
+        assert m.threshold == pytest.approx(ref_threshold, rel=1e-6)
+        assert m.signal_rank == int((s > ref_threshold).sum())
+        assert m.module_type in TYPES and m.module == f"model.layers.{m.layer}.{m.module_type}"
+
+
+def test_selection_yaml_parses_back_and_unfreezes_exactly_the_listed_matrices(four_layer_dir, tokenizer):
+    scan = scan_model(four_layer_dir, TYPES)
+    text = unfrozen_parameters_yaml(scan, 50)
+    lines = text.splitlines()
+    assert lines[:3] == ["unfrozen_parameters:", "- ^lm_head.weight$", "- ^model.embed_tokens.weight$"]
+    assert [l for l in lines if l.startswith("#")] == [f"# {t} layers" for t in sorted(TYPES)]
+    patterns = yaml.safe_load(text)["unfrozen_parameters"]
+    assert patterns == unfrozen_parameters(scan, 50)
+    # each section lists the two highest-SNR matrices of its type, highest first
+    for module_type, chosen in select_top(scan, 50).items():
+        ranked = sorted((m for m in scan.matrices if m.module_type == module_type), key=lambda m: -m.snr)
+        assert [m.module for m in chosen] == [m.module for m in ranked[:2]]
+        section = lines[lines.index(f"# {module_type} layers") + 1 :][:2]
+        assert section == [f"- {m.module}" for m in ranked[:2]]
+
+    config = load_config(data={"unfrozen_parameters": patterns}).config
+    model = build_tiny_model(tokenizer, num_hidden_layers=4, seed=1)
+    apply_unfrozen_parameters(model, config.unfrozen_parameters)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {"lm_head.weight", "model.embed_tokens.weight"} | {
+        m.module + ".weight" for group in select_top(scan, 50).values() for m in group
+    }
+    assert trainable == expected
+    assert len(expected) == 2 + 7 * 2
+
+
+def test_tied_embeddings_emit_only_names_that_exist(tmp_path, tokenizer):
+    folder = save(build_tiny_model(tokenizer, tie_word_embeddings=True), tmp_path / "tied")
+    assert "lm_head.weight" not in load_file(folder / "model.safetensors")
+    scan = scan_model(folder, TYPES)
+    patterns = unfrozen_parameters(scan, 50)
+    assert patterns[0] == "^model.embed_tokens.weight$"
+    assert not any("lm_head" in p for p in patterns)
+    names = set(load_file(folder / "model.safetensors"))
+    for pattern in patterns:
+        assert pattern.strip("^$") in names or pattern + ".weight" in names
+
+
+def test_gavish_donoho_mode_and_layer_filter(four_layer_dir):
+    scan = scan_model(four_layer_dir, ["q_proj", "mlp.down_proj"], mode="gavish_donoho", layers=[1, 3])
+    assert scan.threshold == "gavish_donoho"
+    assert sorted((m.layer, m.module_type) for m in scan.matrices) == [
+        (1, "mlp.down_proj"), (1, "self_attn.q_proj"), (3, "mlp.down_proj"), (3, "self_attn.q_proj")
+    ]
+
+
+def test_unknown_module_type_and_pickle_only_folder_are_clear_errors(four_layer_dir, tmp_path):
+    with pytest.raises(ForgeError, match=r"spectrum\.module_types: mlp\.gate_prj match no 2-D layer weight.*has: mlp\.down_proj"):
+        scan_model(four_layer_dir, ["mlp.gate_prj"])
+    with pytest.raises(ForgeError, match=r"laser\.layers: \[7\] selects no layer .*layers 0\.\.3"):
+        scan_model(four_layer_dir, TYPES, layers=[7], section="laser")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ForgeError, match="no .safetensors weights.*pytorch_model.bin"):
+        scan_model(tmp_path, TYPES)
+    with pytest.raises(ForgeError, match=r"spectrum\.top_percent = 150: expected a number <= 100"):
+        load_config(data={"spectrum": {"top_percent": 150}})
+
+
+def test_merge_into_config_replaces_only_the_block(four_layer_dir, tmp_path):
+    scan = scan_model(four_layer_dir, TYPES)
+    fragment = unfrozen_parameters_yaml(scan, 25)
+    config = tmp_path / "train.yml"
+    config.write_text(
+        "base_model: default  # keep me\n"
+        "unfrozen_parameters:\n- ^lm_head.weight$\n# old layers\n- model.layers.9.mlp.up_proj\n"
+        "# a comment about the next key\n"
+        "learning_rate: 1e-5\n"
+    )
+    merge_into_config(config, fragment)
+    text = config.read_text()
+    assert "base_model: default  # keep me" in text and "# a comment about the next key" in text
+    assert "model.layers.9.mlp.up_proj" not in text and "# old layers" not in text
+    loaded = load_config(config).config
+    assert loaded.unfrozen_parameters == unfrozen_parameters(scan, 25)
+    assert loaded.learning_rate == 1e-5
+
+    bare = tmp_path / "bare.yml"
+    bare.write_text("base_model: default\n")
+    merge_into_config(bare, fragment)
+    assert load_config(bare).config.unfrozen_parameters == unfrozen_parameters(scan, 25)
+
+
+def test_cli_spectrum_writes_all_outputs(four_layer_dir, tmp_path):
+    from dolphin_forge.cli import app
+
+    config = tmp_path / "cfg.yml"
+    config.write_text(f"base_model: {four_layer_dir}\noutput_dir: {tmp_path / 'out'}\n")
+    train = tmp_path / "train.yml"
+    train.write_text("base_model: default\nlearning_rate: 2e-5\n")
+    result = CliRunner().invoke(app, ["spectrum", str(config), "--top-percent", "50", "--write-config", str(train)])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "out" / "spectrum"
+    assert (folder / "snr_heatmap.png").stat().st_size > 1000
+    assert len(__import__("json").loads((folder / "snr.json").read_text())["matrices"]) == 28
+    fragment = yaml.safe_load((folder / "unfrozen_parameters_top50.yaml").read_text())["unfrozen_parameters"]
+    assert load_config(train).config.unfrozen_parameters == fragment
+    bad = CliRunner().invoke(app, ["spectrum", str(config), "--top-percent", "0"])
+    assert isinstance(bad.exception, ForgeError) and "--top-percent 0" in str(bad.exception)
+
+
+def test_merge_into_the_dolphin_2_9_3_card_config_keeps_everything_else(four_layer_dir, tmp_path):
+    card = Path(__file__).resolve().parents[2] / "examples" / "dolphin-2.9.3-mistral-nemo-12b.yml"
+    if not card.is_file():
+        pytest.skip(f"{card} not found")
+    target = tmp_path / "nemo.yml"
+    target.write_text(card.read_text())
+    scan = scan_model(four_layer_dir, TYPES)
+    merge_into_config(target, unfrozen_parameters_yaml(scan, 50))
+    before, after = yaml.safe_load(card.read_text()), yaml.safe_load(target.read_text())
+    assert after.pop("unfrozen_parameters") == unfrozen_parameters(scan, 50)
+    before.pop("unfrozen_parameters")
+    assert after == before
+    assert "# mlp.down_proj layers" in target.read_text() and "model.layers.37.mlp.down_proj" not in target.read_text()
