@@ -14,3 +14,9 @@ $forge curate examples/curate.yml
 echo "== preprocess: the curated rows in ChatML with label masks, packed"
 recipe=(examples/dolphin-2.9-llama3-8b.smollm2.yml --datasets "[{path: out/curated/curated.jsonl, type: sharegpt}]")
 $forge preprocess "${recipe[@]}" --debug 1
+
+echo "== spectrum: SNR per weight matrix, unfrozen_parameters for the top 25% (dolphin-2.9.3's selective recipe)"
+$forge spectrum examples/dolphin-2.9.3-mistral-nemo-12b.smollm2.yml --top-percent 25 --show 5 --output-dir out/spectrum-demo
+
+echo "== laser: Marchenko-Pastur rank reduction, kept only where perplexity does not get worse (dolphin-2.6)"
+$forge laser examples/dolphin-2.6-mistral-7b-dpo-laser.smollm2.yml
