@@ -1,0 +1,197 @@
+"""The `eval` stage: load each model once, measure perplexities and harness tasks, write JSON and tables.
+
+Everything measurable about a model goes through one loaded copy of it: perplexity on text files with our
+sliding-window scorer, then every harness task through an `HFLM` wrapping the same model object. Earlier
+results.json files can be added so the comparison table shows, for example, a model before and after a stage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from dolphin_forge.config import EvalConfig, ForgeConfig, resolve_path
+from dolphin_forge.errors import ForgeError
+from dolphin_forge.evaluate.harness import (
+    CPU_AUTO_BATCH_SIZE,
+    harness_model,
+    merge_results,
+    resolve_tasks,
+    run_harness,
+)
+from dolphin_forge.evaluate.perplexity import default_max_length, perplexity_of_ids, tokenize_text
+from dolphin_forge.evaluate.report import ModelEvaluation, load_results, write_results
+
+Notify = Callable[[str], None]
+
+
+def eval_settings(config: ForgeConfig, **updates: Any) -> EvalConfig:
+    """`config.eval` with command-line values (those not None) applied and validated like the file's."""
+    given = {k: v for k, v in updates.items() if v is not None and v != []}
+    try:
+        return EvalConfig.model_validate({**config.eval.model_dump(), **given})
+    except ValidationError as exc:
+        problems = [f"eval.{'.'.join(map(str, e['loc']))} = {e.get('input')!r}: {e['msg']}" for e in exc.errors()]
+        raise ForgeError("\n".join(problems)) from None
+
+
+def inference_dtype() -> torch.dtype:
+    """bf16 on a GPU that supports it, float32 elsewhere (CPUs without native bf16 would only emulate it)."""
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_for_eval(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """A model folder's model (safetensors only) and its own tokenizer, on the best device."""
+    from transformers import AutoTokenizer
+
+    from dolphin_forge.models.load import load_model
+    from dolphin_forge.models.default import resolve_model_path
+
+    folder = resolve_model_path(path)
+    model = load_model(folder, dtype=inference_dtype(), trust_remote_code=trust_remote_code).to(_device())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ForgeError(f"eval.models: cannot load a tokenizer from {folder}: {str(exc).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def limit_value(limit: float | None) -> int | float | None:
+    """The harness reads an int as a count and a float below 1 as a fraction of each task."""
+    if limit is None:
+        return None
+    return int(limit) if limit >= 1 else limit
+
+
+def evaluate_model(
+    model: Any,
+    tokenizer: Any,
+    settings: EvalConfig,
+    *,
+    name: str,
+    path: str | None = None,
+    config_path: Path | None = None,
+    notify: Notify | None = None,
+    on_progress: Callable[[ModelEvaluation], None] | None = None,
+) -> ModelEvaluation:
+    """Perplexity on every `settings.perplexity_files` and every harness task of `settings.tasks`, on one model.
+
+    Usable on an in-memory model (e.g. right after training) as well as on one loaded from a folder.
+    `on_progress` receives the evaluation so far after each file and task (to save partial results).
+    """
+    data_dir = resolve_path(settings.data_dir, config_path) if settings.data_dir else None
+    if data_dir is not None and not data_dir.is_dir():
+        raise ForgeError(f"eval.data_dir: {data_dir} is not a folder")
+    requests, skipped = resolve_tasks(settings.tasks, data_dir, settings.hub)
+    files = [resolve_path(f, config_path) for f in settings.perplexity_files]
+    for file in files:
+        if not file.is_file():
+            raise ForgeError(f"eval.perplexity_files: {file} is not a file")
+    if not requests and not files:
+        raise ForgeError("eval: nothing to evaluate; set eval.tasks (or --tasks) and/or eval.perplexity_files")
+    say = notify or (lambda _message: None)
+    for note in skipped:
+        say(f"[yellow]warning:[/] {note}")
+
+    evaluation = ModelEvaluation(name=name, path=path, settings=_recorded(settings, data_dir))
+    for file in files:
+        evaluation.perplexity[file.name] = _perplexity_of_file(model, tokenizer, file, settings)
+        say(f"{name}: perplexity of {file.name} = {evaluation.perplexity[file.name]['perplexity']:.4f}")
+        if on_progress is not None:
+            on_progress(evaluation)
+    if requests:
+        if any(r.harness_task == "ifeval_local" for r in requests):
+            from dolphin_forge.evaluate.punkt import ensure_punkt
+
+            note = ensure_punkt(data_dir)
+            if note:
+                say(f"[yellow]note:[/] {note}")
+        lm = harness_model(model, tokenizer, batch_size=settings.batch_size)
+        for request in requests:
+            run = run_harness(
+                lm,
+                [request],
+                data_dir=data_dir,
+                limit=limit_value(settings.limit),
+                apply_chat_template=settings.apply_chat_template,
+            )
+            merge_results(evaluation.harness, run.results)
+            evaluation.seconds.update(run.seconds)
+            evaluation.task_names[request.name] = request.harness_task
+            say(f"{name}: {request.name} done in {run.seconds[request.name]:.1f} s")
+            if on_progress is not None:
+                on_progress(evaluation)
+    return evaluation
+
+
+def _perplexity_of_file(model: Any, tokenizer: Any, file: Path, settings: EvalConfig) -> dict[str, float | int]:
+    start = time.perf_counter()
+    text = file.read_text(encoding="utf-8", errors="replace")
+    ids = tokenize_text(tokenizer, text, max_tokens=settings.max_tokens)
+    max_length = settings.max_length or default_max_length(model)
+    stride = settings.stride or max_length // 2
+    batch_size = settings.batch_size if isinstance(settings.batch_size, int) else CPU_AUTO_BATCH_SIZE
+    result = perplexity_of_ids(model, ids, max_length=max_length, stride=stride, batch_size=batch_size)
+    return {
+        "perplexity": result.perplexity,
+        "nll": result.nll,
+        "tokens": result.tokens,
+        "max_length": max_length,
+        "stride": stride,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _recorded(settings: EvalConfig, data_dir: Path | None) -> dict[str, Any]:
+    return {
+        "limit": settings.limit,
+        "batch_size": settings.batch_size,
+        "apply_chat_template": settings.apply_chat_template,
+        "data_dir": str(data_dir) if data_dir else None,
+        "dtype": str(inference_dtype()),
+    }
+
+
+def run_eval(
+    config: ForgeConfig,
+    config_path: Path | None = None,
+    *,
+    settings: EvalConfig | None = None,
+    compare: Sequence[Path] = (),
+    notify: Notify | None = None,
+) -> tuple[list[ModelEvaluation], dict[str, Path]]:
+    """Evaluate every model of the settings (default: `base_model`), add earlier results, write the report."""
+    settings = settings or config.eval
+    earlier = [e for path in compare for e in load_results(resolve_path(str(path), config_path))]
+    out = resolve_path(settings.output_dir or str(Path(config.output_dir) / "eval"), config_path)
+    evaluations: list[ModelEvaluation] = []
+    for model_path in settings.models or [config.base_model]:
+        model, tokenizer = load_for_eval(model_path, config.trust_remote_code)
+        name = Path(model_path).name if model_path != "default" else "SmolLM2-135M-Instruct"
+
+        def save_partial(current: ModelEvaluation) -> None:  # an interrupted run keeps every finished task
+            write_results([*earlier, *evaluations, current], out)
+
+        evaluations.append(
+            evaluate_model(
+                model,
+                tokenizer,
+                settings,
+                name=name,
+                path=model_path,
+                config_path=config_path,
+                notify=notify,
+                on_progress=save_partial,
+            )
+        )
+        del model
+    return evaluations, write_results([*earlier, *evaluations], out)

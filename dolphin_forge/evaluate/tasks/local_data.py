@@ -1,0 +1,159 @@
+"""Loaders and scoring helpers for the harness tasks we run from local files (see the YAMLs beside this file).
+
+lm-evaluation-harness fetches its datasets from the Hugging Face hub, which these machines cannot reach. Each YAML
+here names one of these loaders as `custom_dataset`; the harness calls it with the task's metadata, which carries
+`data_dir` (the folder holding `arc/`, `mmlu/`, `truthfulqa/`, ... as in `../shared/data/eval`), plus the task's
+`dataset_kwargs`. Each loader turns the original release files into the field layout of the hub copy the harness'
+own task uses, so that the prompts render exactly as in the harness.
+
+Where the local copy lacks the split the harness samples few-shot examples from (ARC, Winogrande and GSM8K have no
+train split here), the YAML samples them from the dev or test split instead; the harness never uses a document as
+its own example.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+
+def _root(data_dir: str | None) -> Path:
+    if not data_dir:
+        raise ValueError("local harness tasks need `data_dir` in the task metadata (eval.data_dir or --data-dir)")
+    return Path(data_dir)
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def load_arc(data_dir: str | None = None, subset: str = "Challenge", **_: Any) -> datasets.DatasetDict:
+    """ARC from the original release JSONL, as `{id, question, choices: {text, label}, answerKey}`."""
+
+    def rows(split: str) -> datasets.Dataset:
+        records = _jsonl(_root(data_dir) / "arc" / f"ARC-{subset}-{split}.jsonl")
+        return datasets.Dataset.from_list(
+            [
+                {
+                    "id": r["id"],
+                    "question": r["question"]["stem"],
+                    "choices": {
+                        "text": [c["text"] for c in r["question"]["choices"]],
+                        "label": [c["label"] for c in r["question"]["choices"]],
+                    },
+                    "answerKey": r["answerKey"],
+                }
+                for r in records
+            ]
+        )
+
+    return datasets.DatasetDict({"test": rows("Test"), "validation": rows("Dev")})
+
+
+def load_mmlu(data_dir: str | None = None, subject: str = "", **_: Any) -> datasets.DatasetDict:
+    """One MMLU subject from the headerless release CSVs, as `{question, subject, choices, answer (index)}`."""
+
+    def rows(split: str) -> datasets.Dataset:
+        path = _root(data_dir) / "mmlu" / split / f"{subject}_{split}.csv"
+        with path.open(encoding="utf-8", newline="") as handle:
+            records = list(csv.reader(handle))
+        return datasets.Dataset.from_list(
+            [
+                {"question": q, "subject": subject, "choices": [a, b, c, d], "answer": "ABCD".index(letter.strip())}
+                for q, a, b, c, d, letter in records
+            ]
+        )
+
+    return datasets.DatasetDict({"test": rows("test"), "dev": rows("dev")})
+
+
+def load_truthfulqa(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
+    """TruthfulQA multiple choice from `mc_task.json` (answer -> label maps) as `{choices, labels}` lists."""
+    records = json.loads((_root(data_dir) / "truthfulqa" / "mc_task.json").read_text(encoding="utf-8"))
+
+    def targets(mapping: dict[str, int]) -> dict[str, list]:
+        return {"choices": list(mapping), "labels": [int(v) for v in mapping.values()]}
+
+    return datasets.DatasetDict(
+        {
+            "validation": datasets.Dataset.from_list(
+                [
+                    {
+                        "question": r["question"],
+                        "mc1_targets": targets(r["mc1_targets"]),
+                        "mc2_targets": targets(r["mc2_targets"]),
+                    }
+                    for r in records
+                ]
+            )
+        }
+    )
+
+
+def load_winogrande(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
+    """WinoGrande dev (`answer` is "1" or "2"; the test labels are not public)."""
+    records = _jsonl(_root(data_dir) / "winogrande" / "dev.jsonl")
+    return datasets.DatasetDict({"validation": datasets.Dataset.from_list(records)})
+
+
+def load_gsm8k(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
+    """GSM8K test, `{question, answer}` with the answer ending in `#### n`."""
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(_jsonl(_root(data_dir) / "gsm8k_test.jsonl"))})
+
+
+def load_ifeval(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
+    """IFEval prompts with their instruction ids and keyword arguments (a single split, as on the hub)."""
+    records = _jsonl(_root(data_dir) / "ifeval" / "input_data.jsonl")
+    # Arrow needs one type per field: every kwargs dict gets every key, missing ones as None (as on the hub).
+    keys = sorted({k for r in records for kwargs in r["kwargs"] for k in kwargs})
+    for r in records:
+        r["kwargs"] = [{k: kwargs.get(k) for k in keys} for kwargs in r["kwargs"]]
+    return datasets.DatasetDict({"train": datasets.Dataset.from_list(records)})
+
+
+# --- scoring -------------------------------------------------------------------------------------------------------
+
+
+def winogrande_context_index(doc: dict[str, Any]) -> int:
+    """Partial scoring: the prompt is the correct option substituted into the sentence up to the blank."""
+    return int(doc["answer"]) - 1
+
+
+def winogrande_contexts(doc: dict[str, Any]) -> list[str]:
+    blank = doc["sentence"].index("_")
+    return [doc["sentence"][:blank] + option for option in (doc["option1"], doc["option2"])]
+
+
+def winogrande_continuation(doc: dict[str, Any]) -> str:
+    """What follows the blank, scored after each candidate context."""
+    blank = doc["sentence"].index("_")
+    return doc["sentence"][blank + 1 :].strip()
+
+
+def truthfulqa_mc2(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, float]:
+    """MC2: the normalised probability mass the model puts on the true answers among all answers."""
+    log_likelihoods = [ll for ll, _ in results]
+    labels = doc["mc2_targets"]["labels"]
+    top = max(log_likelihoods)  # shift before exp so long answers do not underflow to 0/0
+    true_mass = sum(math.exp(ll - top) for ll, label in zip(log_likelihoods, labels) if label == 1)
+    total_mass = sum(math.exp(ll - top) for ll in log_likelihoods)
+    return {"acc": true_mass / total_mass}
+
+
+def ifeval_results(doc: dict[str, Any], results: list[str]) -> dict[str, Any]:
+    """IFEval's rule-based checks are the harness' own (imported lazily: importing them may reach for NLTK data)."""
+    from lm_eval.tasks.ifeval.utils import process_results
+
+    return process_results(doc, results)
+
+
+def ifeval_instruction_accuracy(items: list[list[bool]]) -> float:
+    from lm_eval.tasks.ifeval.utils import agg_inst_level_acc
+
+    return agg_inst_level_acc(items)

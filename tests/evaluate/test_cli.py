@@ -1,0 +1,71 @@
+"""`dolphin-forge eval` end to end on a tiny model: perplexity + a local harness task, JSON and both tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dolphin_forge.cli import app
+from dolphin_forge.config import load_config
+from dolphin_forge.errors import ForgeError
+from dolphin_forge.evaluate.perplexity import perplexity_of_ids, tokenize_text
+from dolphin_forge.evaluate.report import ModelEvaluation, harness_tables
+from dolphin_forge.evaluate.run import eval_settings
+
+
+def test_eval_command_writes_results_and_tables(tmp_path, tiny_model_dir, tokenizer, shared_data):
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat. " * 30 + "\n\nA second document follows here.", encoding="utf-8")
+    config = tmp_path / "eval.yml"
+    config.write_text(f"base_model: {tiny_model_dir}\noutput_dir: {tmp_path / 'out'}\neval:\n  max_length: 32\n")
+    result = CliRunner().invoke(
+        app,
+        ["eval", str(config), "--tasks", "winogrande", "--limit", "2", "--data-dir", str(shared_data / "eval"),
+         "--perplexity", str(text), "--batch-size", "2"],
+    )
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "out" / "eval"
+    payload = json.loads((folder / "results.json").read_text())["models"][0]
+
+    from dolphin_forge.models.load import load_model
+
+    expected = perplexity_of_ids(load_model(tiny_model_dir), tokenize_text(tokenizer, text.read_text()), max_length=32, stride=16)
+    assert payload["perplexity"]["text.txt"]["perplexity"] == pytest.approx(expected.perplexity, rel=1e-9)
+    assert payload["perplexity"]["text.txt"]["tokens"] == expected.tokens
+    assert payload["harness"]["results"]["winogrande_local"]["alias"] == "winogrande"
+    assert payload["harness"]["n-samples"]["winogrande_local"]["effective"] == 2
+    report = (folder / "report.md").read_text()
+    tables = harness_tables(ModelEvaluation(**payload))
+    assert tables.splitlines()[0].replace(" ", "") == "|Tasks|Version|Filter|n-shot|Metric||Value||Stderr|"
+    assert tables in report
+    assert "|dataset|tiny-llama|" in report and "|text.txt (ppl)|" in report
+    assert report in result.output  # printed as well
+
+
+def test_command_line_values_are_validated_like_the_config(tmp_path):
+    config = load_config(data={"eval": {"tasks": ["mmlu"], "limit": 5}}).config
+    settings = eval_settings(config, limit=2, tasks=None, batch_size="auto")
+    assert settings.limit == 2 and settings.tasks == ["mmlu"]
+    with pytest.raises(ForgeError, match=r"eval.limit = -1"):
+        eval_settings(config, limit=-1)
+
+
+def test_nothing_to_evaluate_is_a_clear_error(tmp_path, tiny_model_dir):
+    config = tmp_path / "eval.yml"
+    config.write_text(f"base_model: {tiny_model_dir}\noutput_dir: {tmp_path}\n")
+    result = CliRunner().invoke(app, ["eval", str(config)])
+    assert isinstance(result.exception, ForgeError)
+    assert "nothing to evaluate" in str(result.exception)
+
+
+def test_missing_local_data_is_a_one_line_error(tmp_path, tiny_model_dir):
+    config = tmp_path / "eval.yml"
+    config.write_text(f"base_model: {tiny_model_dir}\noutput_dir: {tmp_path}\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(app, ["eval", str(config), "--tasks", "winogrande", "--data-dir", str(empty)])
+    assert isinstance(result.exception, ForgeError)
+    assert str(result.exception).startswith("winogrande: cannot load its data:")
+    assert "dev.jsonl" in str(result.exception) and "\n" not in str(result.exception)

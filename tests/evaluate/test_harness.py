@@ -1,0 +1,144 @@
+"""The harness bridge: suites, local task files, and results identical to `lm_eval.simple_evaluate` run directly."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from dolphin_forge.errors import ForgeError
+from dolphin_forge.evaluate.harness import (
+    LOCAL_TASKS,
+    TaskRequest,
+    harness_model,
+    resolve_tasks,
+    run_harness,
+    task_manager,
+)
+from dolphin_forge.evaluate.tasks import local_data
+
+
+def test_leaderboard_v1_suite_uses_local_copies_with_v1_shots_and_skips_hellaswag_offline(tmp_path):
+    requests, skipped = resolve_tasks(["leaderboard-v1"], tmp_path)
+    assert [(r.name, r.harness_task, r.num_fewshot) for r in requests] == [
+        ("arc_challenge", "arc_challenge_local", 25),
+        ("mmlu", "mmlu_local", 5),
+        ("truthfulqa_mc2", "truthfulqa_mc2_local", 0),
+        ("winogrande", "winogrande_local", 5),
+        ("gsm8k", "gsm8k_local", 5),
+    ]
+    assert len(skipped) == 1 and skipped[0].startswith("hellaswag: no local copy")
+
+
+def test_hub_tasks_run_from_the_hub_when_allowed(tmp_path):
+    requests, skipped = resolve_tasks(["leaderboard-v1", "leaderboard-v2"], None, hub=True)
+    assert ("hellaswag", "hellaswag", 10) in [(r.name, r.harness_task, r.num_fewshot) for r in requests]
+    assert ("leaderboard_musr", "leaderboard_musr", None) in [(r.name, r.harness_task, r.num_fewshot) for r in requests]
+    assert not skipped
+
+
+def test_unknown_or_unrunnable_tasks_are_one_line_errors(tmp_path):
+    with pytest.raises(ForgeError, match="'arc_chalenge' has no local copy"):
+        resolve_tasks(["arc_chalenge"], tmp_path)
+    with pytest.raises(ForgeError, match="set eval.data_dir"):
+        resolve_tasks(["mmlu"], None)
+
+
+def test_local_loaders_match_the_release_files(shared_data):
+    eval_dir = shared_data / "eval"
+    arc = local_data.load_arc(str(eval_dir), subset="Challenge")
+    raw = json.loads((eval_dir / "arc" / "ARC-Challenge-Test.jsonl").read_text().splitlines()[0])
+    first = arc["test"][0]
+    assert first["question"] == raw["question"]["stem"] and first["answerKey"] == raw["answerKey"]
+    assert first["choices"]["text"] == [c["text"] for c in raw["question"]["choices"]]
+    assert len(arc["validation"]) == 299
+
+    mmlu = local_data.load_mmlu(str(eval_dir), subject="anatomy")
+    assert len(mmlu["dev"]) == 5 and mmlu["dev"][0]["answer"] == 3  # the release file's letter is D
+
+    tqa = local_data.load_truthfulqa(str(eval_dir))["validation"]
+    assert len(tqa) == 790
+    assert tqa[0]["mc1_targets"]["labels"][0] == 1 and sum(tqa[0]["mc1_targets"]["labels"]) == 1
+
+    ifeval = local_data.load_ifeval(str(eval_dir))["train"]
+    assert len(ifeval) == 541 and ifeval[0]["kwargs"][1]["num_highlights"] == 3
+
+
+def test_truthfulqa_mc2_is_the_true_share_of_probability_mass():
+    doc = {"mc2_targets": {"labels": [1, 1, 0]}}
+    lls = [-1.0, -2.0, -0.5]
+    expected = (math.exp(-1) + math.exp(-2)) / (math.exp(-1) + math.exp(-2) + math.exp(-0.5))
+    assert local_data.truthfulqa_mc2(doc, [(ll, False) for ll in lls])["acc"] == pytest.approx(expected, rel=1e-12)
+    # Long answers have very low log-likelihoods: the score must not collapse to 0/0.
+    tiny = local_data.truthfulqa_mc2(doc, [(-2000.0, False), (-2001.0, False), (-2000.5, False)])["acc"]
+    assert tiny == pytest.approx((1 + math.exp(-1)) / (1 + math.exp(-1) + math.exp(-0.5)))
+
+
+def test_winogrande_partial_scoring_fields():
+    doc = {"sentence": "Anna gave Bea a book because _ was kind.", "option1": "Anna", "option2": "Bea", "answer": "2"}
+    assert local_data.winogrande_contexts(doc) == ["Anna gave Bea a book because Anna", "Anna gave Bea a book because Bea"]
+    assert local_data.winogrande_continuation(doc) == "was kind."
+    assert local_data.winogrande_context_index(doc) == 1
+
+
+#: Random tiny models never stop generating: cap generation so the generative tasks stay fast.
+SHORT = {"max_gen_toks": 12}
+
+
+def _direct(folder: Path, eval_dir: Path, task: str, limit: int, chat: bool = False) -> dict:
+    from lm_eval import simple_evaluate
+
+    out = simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(folder), "dtype": "float32", "device": "cpu"},
+        tasks=[task],
+        limit=limit,
+        batch_size=2,
+        task_manager=task_manager(eval_dir, with_harness_tasks=False),
+        apply_chat_template=chat,
+        gen_kwargs=SHORT,
+        log_samples=False,
+        verbosity="ERROR",
+    )
+    return {**out["results"], **out.get("groups", {})}
+
+
+def test_bridge_equals_simple_evaluate_run_directly(tiny_model_dir, shared_data):
+    """Same task files, same model: every metric and stderr identical, to the last digit."""
+    from transformers import AutoTokenizer
+
+    from dolphin_forge.evaluate.punkt import ensure_punkt
+    from dolphin_forge.models.load import load_model
+
+    eval_dir = shared_data / "eval"
+    ensure_punkt(eval_dir)
+    model = load_model(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lm = harness_model(model, tokenizer, batch_size=2)
+    cases = [
+        ("arc_challenge", "arc_challenge_local", 2),
+        ("truthfulqa_mc2", "truthfulqa_mc2_local", 2),
+        ("winogrande", "winogrande_local", 3),
+        ("gsm8k", "gsm8k_local", 1),
+        ("ifeval", "ifeval_local", 1),
+        ("mmlu_anatomy", "mmlu_local_anatomy", 2),
+    ]
+    for name, harness_task, limit in cases:
+        run = run_harness(lm, [TaskRequest(name, harness_task, None)], data_dir=eval_dir, limit=limit, gen_kwargs=SHORT)
+        ours = run.results["results"][harness_task]
+        assert ours == _direct(tiny_model_dir, eval_dir, harness_task, limit)[harness_task], name
+        assert run.seconds[name] > 0
+    assert run.results["n-shot"]["mmlu_local_anatomy"] == 5
+
+    chat = run_harness(lm, [TaskRequest("winogrande", "winogrande_local", None)], data_dir=eval_dir, limit=2,
+                       apply_chat_template=True)
+    direct = _direct(tiny_model_dir, eval_dir, "winogrande_local", 2, chat=True)
+    assert chat.results["results"]["winogrande_local"] == direct["winogrande_local"]
+
+
+def test_every_local_task_file_loads(shared_data):
+    manager = task_manager(shared_data / "eval", with_harness_tasks=False)
+    loaded = manager.load([t for t in LOCAL_TASKS.values() if t != "mmlu_local"] + ["mmlu_local_virology"])
+    assert set(loaded["tasks"]) >= {t for t in LOCAL_TASKS.values() if t != "mmlu_local"}
