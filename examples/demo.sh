@@ -20,3 +20,7 @@ $forge spectrum examples/dolphin-2.9.3-mistral-nemo-12b.smollm2.yml --top-percen
 
 echo "== laser: Marchenko-Pastur rank reduction, kept only where perplexity does not get worse (dolphin-2.6)"
 $forge laser examples/dolphin-2.6-mistral-7b-dpo-laser.smollm2.yml
+
+echo "== eval: wikitext-2 perplexity and Winogrande offline, tables like the cards'"
+$forge eval examples/dolphin-2.9-llama3-8b.smollm2.yml --data-dir ../shared/data/eval --tasks winogrande --limit 5 \
+  --perplexity ../shared/data/eval/wikitext2_test.raw --max-tokens 2048 --eval.max_length 512 --output out/eval-demo
