@@ -1,0 +1,127 @@
+"""LoRA / QLoRA set-up through `peft`, and merging an adapter back into its base model.
+
+Config keys follow Axolotl: `adapter` (lora | qlora), `lora_r`, `lora_alpha`, `lora_dropout`,
+`lora_target_modules`, `lora_target_linear` (every linear layer but the LM head), `lora_modules_to_save`
+(modules trained in full beside the adapter, e.g. embed_tokens and lm_head when tokens were added).
+QLoRA and 8-bit loading need bitsandbytes on a CUDA GPU; elsewhere they stop with one error saying what to use.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dolphin_forge.config import ForgeConfig
+from dolphin_forge.errors import ForgeError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def check_quantization_supported(config: ForgeConfig) -> None:
+    """QLoRA / load_in_4bit / load_in_8bit need bitsandbytes and CUDA: fail early and clearly without them."""
+    wants = config.adapter == "qlora" or config.load_in_4bit or config.load_in_8bit
+    if not wants:
+        return
+    what = "adapter: qlora" if config.adapter == "qlora" else ("load_in_4bit" if config.load_in_4bit else "load_in_8bit")
+    if not torch.cuda.is_available():
+        raise ForgeError(
+            f"{what} needs bitsandbytes on a CUDA GPU and this machine has none; "
+            "use `adapter: lora` with load_in_4bit/load_in_8bit false (or a full or selective fine-tune) instead"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ForgeError(f"{what} needs bitsandbytes: `pip install 'dolphin-forge[gpu]'`") from None
+
+
+def quantization_config(config: ForgeConfig) -> Any:
+    """The `BitsAndBytesConfig` for QLoRA-style loading, or None."""
+    if not (config.adapter == "qlora" or config.load_in_4bit or config.load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if config.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Leaf names of every linear layer except the output head (what `lora_target_linear: true` targets)."""
+    head = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        if module is head:
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def apply_lora(model: torch.nn.Module, config: ForgeConfig, added_tokens: int = 0) -> Any:
+    """Wrap `model` in a peft LoRA model as the config describes."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if config.lora_target_linear:
+        targets = sorted(set(linear_module_names(model)) | set(config.lora_target_modules or []))
+    elif config.lora_target_modules:
+        targets = list(config.lora_target_modules)
+    else:
+        raise ForgeError("adapter: set lora_target_linear: true or list lora_target_modules")
+    to_save = list(config.lora_modules_to_save or [])
+    if added_tokens and not {"embed_tokens", "lm_head"} <= set(to_save):
+        raise ForgeError(
+            f"adapter: {added_tokens} tokens were added to the vocabulary, so their embeddings must train: "
+            "set lora_modules_to_save: [embed_tokens, lm_head]"
+        )
+    if config.adapter == "qlora" or config.load_in_4bit or config.load_in_8bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        modules_to_save=to_save or None,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    return get_peft_model(model, lora)
+
+
+def is_adapter_folder(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file()
+
+
+def merge_lora(adapter_dir: Path, output_dir: Path, base_model: str | None = None) -> Path:
+    """Load the base model, apply the adapter in `adapter_dir`, merge it and save a plain HF model folder."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from dolphin_forge.models.load import load_model
+
+    if not is_adapter_folder(adapter_dir):
+        raise ForgeError(f"{adapter_dir}: not a LoRA adapter folder (no {ADAPTER_CONFIG})")
+    base = base_model or json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ForgeError(f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path is empty; pass --base-model")
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    model = load_model(base)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    merged = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).merge_and_unload()
+    generation = adapter_dir / "generation_config.json"
+    if generation.is_file():
+        from transformers import GenerationConfig
+
+        merged.generation_config = GenerationConfig.from_pretrained(adapter_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir

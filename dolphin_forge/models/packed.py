@@ -1,0 +1,101 @@
+"""Attention for packed rows on CPU: each sample attends causally to itself only, computed sample by sample.
+
+Given position ids that restart at 0, transformers' own SDPA path builds one block-diagonal (rows x rows) mask and
+runs attention over the whole packed row: correct, but it spends the full quadratic cost (a 1024-token row of
+twelve 85-token samples does twelve times the needed work) and stores the mask. flash-attention's varlen kernels
+avoid that on a GPU; this is the CPU equivalent: the row is cut at the sample boundaries and
+`scaled_dot_product_attention(is_causal=True)` runs per sample (with a banded mask only where a sliding window is
+shorter than the sample). No mask tensor is built.
+
+It registers as the attention implementation ``packed_sdpa``. Anything that is not a packed training/scoring
+forward (a padding mask, a KV cache, missing position ids) falls through to transformers' SDPA unchanged, so the
+same model also generates correctly. Models are saved with ``sdpa`` (see `restore_standard_attention`) so that
+plain transformers loads them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+PACKED_SDPA = "packed_sdpa"
+
+
+def sample_bounds(position_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of each sample in one row: a new sample starts wherever the position does not grow by one."""
+    breaks = torch.nonzero(position_ids[1:] != position_ids[:-1] + 1).flatten() + 1
+    edges = [0, *breaks.tolist(), position_ids.shape[0]]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _band(length: int, window: int, device: torch.device) -> torch.Tensor:
+    idx = torch.arange(length, device=device)
+    diff = idx[:, None] - idx[None, :]
+    return (diff >= 0) & (diff < window)
+
+
+def packed_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    position_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Per-sample causal attention over packed rows; shapes as transformers' `sdpa_attention_forward`."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            position_ids=position_ids, sliding_window=sliding_window, **kwargs,
+        )
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    positions = position_ids.expand(query.shape[0], -1)
+    rows = []
+    # split (not indexing) so that the backward pass concatenates gradients instead of zero-filling whole rows
+    for b, (q_row, k_row, v_row) in enumerate(zip(query.split(1), key.split(1), value.split(1))):
+        lengths = [end - start for start, end in sample_bounds(positions[b])]
+        parts = []
+        for q, k, v in zip(q_row.split(lengths, dim=2), k_row.split(lengths, dim=2), v_row.split(lengths, dim=2)):
+            n = q.shape[2]
+            if sliding_window is not None and n > sliding_window:
+                mask = _band(n, sliding_window, query.device)
+                parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling))
+            else:
+                parts.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True))
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    output = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _packed_sdpa_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
+    """No mask for unpadded inputs (samples are separated by position ids); SDPA's mask when there is padding."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register_packed_attention() -> str:
+    """Make ``packed_sdpa`` known to transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_SDPA, _packed_sdpa_mask)
+    return PACKED_SDPA
+
+
+def restore_standard_attention(model: Any) -> None:
+    """Switch a model back to ``sdpa`` (before saving, so its config names an implementation everyone has)."""
+    if getattr(model.config, "_attn_implementation", None) == PACKED_SDPA:
+        model.set_attn_implementation("sdpa")

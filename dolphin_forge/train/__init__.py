@@ -1,0 +1,1 @@
+"""Supervised fine-tuning: the recipe (`sft`) and its helpers (batches, optimizer, checkpoints, metrics, hardware)."""

@@ -1,0 +1,176 @@
+"""Checkpoints that can be trusted after a crash, and that never unpickle anything.
+
+A checkpoint is a folder ``checkpoint-<step>`` in the output folder holding:
+
+* ``trainable.safetensors``: every trainable parameter (the frozen ones are re-created from the base model);
+* ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensors and its scalar settings;
+* ``rng-<rank>.safetensors`` + ``rng-<rank>.json``: each process's torch (CPU and CUDA), numpy and Python RNG states;
+* ``state.json``: the step, the scheduler, early-stopping bookkeeping. It is written last.
+
+Everything is written into ``.tmp-checkpoint-<step>`` and renamed into place, so a process killed at any moment
+leaves either a complete checkpoint or a temporary folder that `latest_checkpoint` ignores (and the next save
+removes). We write our own format instead of `accelerate.save_state` because that one pickles the optimizer and RNG
+states, and loading pickles is exactly what this product promises never to do.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from dolphin_forge.errors import ForgeError
+
+PREFIX = "checkpoint-"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if _NAME.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name)[1]))
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(value: str | None, output_dir: Path) -> Path | None:
+    """`resume_from_checkpoint`: a checkpoint folder, or `auto` for the newest complete one (None if there is none)."""
+    if not value:
+        return None
+    if value == "auto":
+        return latest_checkpoint(output_dir)
+    path = Path(value).expanduser()
+    if not (path / "state.json").is_file():
+        raise ForgeError(f"resume_from_checkpoint: {value} is not a complete checkpoint folder (no state.json)")
+    return path
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": _jsonable(random.getstate())}
+    return tensors, meta
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tupled(value: Any) -> Any:
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(_tupled(meta["python"]))
+
+
+def _optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    *,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    rank: int,
+    is_main: bool,
+    barrier: Any,
+    keep: int | None = None,
+) -> Path:
+    """Write checkpoint `step` atomically (all processes call this; each writes its own RNG file)."""
+    final = output_dir / f"{PREFIX}{step}"
+    tmp = output_dir / f".tmp-{PREFIX}{step}"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    tensors, meta = _rng_state()
+    save_file(tensors, str(tmp / f"rng-{rank}.safetensors"))
+    (tmp / f"rng-{rank}.json").write_text(json.dumps(meta))
+    if is_main:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        opt_tensors, opt_meta = _optimizer_files(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+    barrier()
+    if is_main:
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=float))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for stale in output_dir.glob(f".tmp-{PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if keep is not None:
+            for old in checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int
+) -> dict[str, Any]:
+    """Restore trainable weights, optimizer and this process's RNG from `folder`; returns its `state.json`."""
+    weights = load_file(str(folder / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise ForgeError(
+            f"resume_from_checkpoint: {folder} holds parameters this model lacks ({', '.join(unknown[:3])}); "
+            "was it written by a different config?"
+        )
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    _load_optimizer(
+        optimizer, load_file(str(folder / "optimizer.safetensors")), json.loads((folder / "optimizer.json").read_text())
+    )
+    rng = folder / f"rng-{rank}.safetensors"
+    if not rng.is_file():
+        rng = folder / "rng-0.safetensors"  # resumed on a different number of processes
+        rank = 0
+    _set_rng_state(load_file(str(rng)), json.loads((folder / f"rng-{rank}.json").read_text()))
+    return json.loads((folder / "state.json").read_text())

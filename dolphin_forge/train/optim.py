@@ -1,0 +1,117 @@
+"""Optimizer and learning-rate schedule exactly as the config names them.
+
+AdamW with decoupled weight decay on matrices only (biases and norm weights have one dimension and no decay,
+the nanoGPT/torchtune convention). Parameters of which only some rows train (`models.freeze.PartialParameter`)
+get their decay applied by row, outside the optimizer, so frozen rows never move.
+
+The schedules are written as one small function rather than taken from `transformers.get_scheduler`, because
+`cosine_min_lr_ratio` and the warmup from `warmup_ratio` must be combined, and a `LambdaLR` over a pure function of
+the step is trivially exact on resume.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from dolphin_forge.config import ForgeConfig
+from dolphin_forge.errors import ForgeError
+from dolphin_forge.models.freeze import PartialParameter
+
+EIGHT_BIT = ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
+
+
+def build_optimizer(
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+    config: ForgeConfig,
+    partial: dict[str, PartialParameter] | None = None,
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, in a decay group, a no-decay group and a row-decayed group."""
+    partial = partial or {}
+    decay, no_decay, by_row = [], [], []
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        if name in partial:
+            by_row.append(param)
+        elif param.dim() >= 2:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    if not (decay or no_decay or by_row):
+        raise ForgeError("nothing to train: every parameter is frozen (check unfrozen_parameters / adapter)")
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": by_row, "weight_decay": 0.0},
+    ]
+    kwargs: dict[str, Any] = dict(
+        lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon
+    )
+    if config.optimizer in EIGHT_BIT:
+        return _bitsandbytes_adamw(groups, config, kwargs)
+    if config.optimizer == "adamw_torch_fused":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def check_optimizer_supported(config: ForgeConfig) -> None:
+    """The 8-bit optimizers need bitsandbytes and CUDA: say so before anything is loaded."""
+    if config.optimizer not in EIGHT_BIT:
+        return
+    if not torch.cuda.is_available():
+        raise ForgeError(
+            f"optimizer: {config.optimizer} needs bitsandbytes on a CUDA GPU and none is available; "
+            "use `optimizer: adamw_torch` (or adamw_torch_fused) on this machine"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ForgeError(
+            f"optimizer: {config.optimizer} needs bitsandbytes: `pip install 'dolphin-forge[gpu]'`, "
+            "or use `optimizer: adamw_torch`"
+        ) from None
+
+
+def _bitsandbytes_adamw(groups: list[dict[str, Any]], config: ForgeConfig, kwargs: dict[str, Any]) -> Any:
+    check_optimizer_supported(config)
+    import bitsandbytes as bnb
+
+    if config.optimizer == "paged_adamw_8bit":
+        return bnb.optim.PagedAdamW8bit(groups, **kwargs)
+    return bnb.optim.AdamW8bit(groups, **kwargs)
+
+
+def warmup_steps(config: ForgeConfig, total_steps: int) -> int:
+    if config.warmup_steps is not None:
+        return config.warmup_steps
+    if config.warmup_ratio is not None:
+        return math.ceil(config.warmup_ratio * total_steps)
+    return 0
+
+
+def lr_factor(step: int, *, schedule: str, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak learning rate used for optimizer step `step` (0-based)."""
+    if step < warmup:
+        return step / warmup
+    if schedule in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: ForgeConfig, total_steps: int) -> Any:
+    warmup = warmup_steps(config, total_steps)
+    min_ratio = config.cosine_min_lr_ratio or 0.0
+
+    def factor(step: int) -> float:
+        return lr_factor(step, schedule=config.lr_scheduler, warmup=warmup, total=total_steps, min_ratio=min_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

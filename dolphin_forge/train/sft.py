@@ -1,0 +1,480 @@
+"""The supervised fine-tuning recipe: one explicit loop, read top to bottom.
+
+Why our own loop and not the HF `Trainer`: three promises of this stage are hard to keep through it. (1) The loss
+is the mean over every trained token of the whole accumulation window (and of every process), not a mean of
+per-micro-batch means, so 1 micro-batch of 8 rows and 8 micro-batches of 1 row give the same gradient.
+(2) A run killed at any moment and resumed ends with the same weights as an uninterrupted one: the data position
+is a pure function of the optimizer step (`batches.BatchPlan`) and checkpoints hold the RNG state. (3) Nothing is
+ever unpickled. `accelerate` does what it is good at: device placement, autocast, DDP / FSDP / DeepSpeed.
+
+Flow of `train()`: seed -> tokenizer and prepared rows -> model (resized for added tokens) -> mode (full,
+selective `unfrozen_parameters`, or LoRA) -> optimizer, schedule, accelerator -> resume -> loop over optimizer
+steps (accumulate, clip, step, log, evaluate, checkpoint, early-stop) -> save an HF folder and a JSON summary.
+
+Packed rows: the model receives position ids that restart at 0 for each sample and no attention mask; with SDPA
+transformers turns that into a block-diagonal causal mask, with flash-attention 2 into variable-length kernels.
+Only positions whose next token is trained reach the LM head (`logits_to_keep`), which saves the head's matmul on
+prompt tokens and the memory of their logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dolphin_forge.config import ForgeConfig
+from dolphin_forge.errors import ForgeError
+from dolphin_forge.models.freeze import FreezeSummary, apply_unfrozen_parameters, summarize, unfreeze_rows
+from dolphin_forge.models.packed import restore_standard_attention
+from dolphin_forge.models.load import IM_END, load_model, load_tokenizer, resize_for_tokenizer
+from dolphin_forge.train import checkpoint as ckpt
+from dolphin_forge.train.batches import IGNORE_INDEX, BatchPlan, MicroBatch, collate
+from dolphin_forge.train.distributed import make_accelerator
+from dolphin_forge.train.hardware import (
+    attention_implementation,
+    matmul_peak_flops,
+    mixed_precision,
+    weights_dtype,
+)
+from dolphin_forge.train.metrics import (
+    MetricsSink,
+    describe_step,
+    matmul_parameters,
+    progress_bar,
+    training_flops,
+)
+from dolphin_forge.train.optim import build_optimizer, build_scheduler, check_optimizer_supported
+
+SUMMARY_FILE = "training_summary.json"
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or early-stopped) run produced."""
+
+    output_dir: Path
+    steps: int
+    stopped: str
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def summed_token_loss(model: Any, batch: MicroBatch) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over trained positions of a micro-batch, and the head positions computed.
+
+    Only sequence positions where some row's next token is trained go through the LM head.
+    """
+    targets = batch.labels[:, 1:]
+    wanted = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    if wanted.numel() == 0:
+        wanted = torch.zeros(1, dtype=torch.long, device=batch.input_ids.device)
+    logits = model(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, logits_to_keep=wanted
+    ).logits
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets[:, wanted].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, int(wanted.numel()) * batch.input_ids.shape[0]
+
+
+class SFTRecipe:
+    """State of one training run; `setup()` builds everything, `run()` trains."""
+
+    def __init__(self, config: ForgeConfig, config_path: Path | None = None, console: Any = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.console = console
+        self.output_dir = Path(config.output_dir)
+
+    # --- setup ---------------------------------------------------------------------------------------------------
+
+    def setup(self, train_rows: Any = None, val_rows: Any = None) -> None:
+        from accelerate.utils import set_seed
+
+        from dolphin_forge.models.lora import apply_lora, check_quantization_supported, quantization_config
+
+        config = self.config
+        check_quantization_supported(config)
+        check_optimizer_supported(config)
+        set_seed(config.seed)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.mixed = mixed_precision(config, device)
+        if config.tf32 and device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.tokenizer = load_tokenizer(config)
+
+        model_path = config.base_model
+        load_kwargs: dict[str, Any] = {"attn_implementation": attention_implementation(config, device)}
+        quant = quantization_config(config)
+        if quant is not None:
+            load_kwargs["quantization_config"] = quant
+        model = load_model(model_path, dtype=weights_dtype(config), trust_remote_code=config.trust_remote_code, **load_kwargs)
+        model.config.use_cache = False
+        self.accelerator = make_accelerator(config, self.config_path, self.mixed, getattr(model.config, "hidden_size", None))
+        acc = self.accelerator
+
+        if train_rows is None:
+            from dolphin_forge.data.preprocess import preprocess
+
+            with acc.main_process_first():
+                prepared = preprocess(config, self.config_path, progress=acc.is_main_process)
+            train_rows, val_rows = prepared.train, prepared.val
+        if len(train_rows) == 0:
+            raise ForgeError("datasets: preprocessing left no training rows")
+        self.train_rows, self.val_rows = train_rows, val_rows
+
+        old_vocab = model.get_input_embeddings().weight.shape[0]
+        added = resize_for_tokenizer(model, self.tokenizer)
+        self.mode, self.freeze = "full", None
+        if config.adapter:
+            model = apply_lora(model, config, added_tokens=added)
+            self.mode = config.adapter
+            self.freeze = summarize(model, {}, [])
+        elif config.unfrozen_parameters:
+            self.mode = "selective"
+            self.freeze = apply_unfrozen_parameters(model, config.unfrozen_parameters)
+            if added:
+                self.freeze = self._unfreeze_new_rows(model, old_vocab, added, self.freeze)
+        else:
+            self.freeze = summarize(model, {}, [])
+        if config.gradient_checkpointing:
+            kwargs = config.gradient_checkpointing_kwargs or {"use_reentrant": False}
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if kwargs.get("use_reentrant", True) and hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+
+        self.plan = BatchPlan(
+            num_rows=len(train_rows),
+            micro_batch_size=config.micro_batch_size,
+            accumulation_steps=config.gradient_accumulation_steps,
+            world_size=acc.num_processes,
+            rank=acc.process_index,
+            seed=config.seed,
+        )
+        self.total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * self.plan.steps_per_epoch))
+        optimizer = build_optimizer(model.named_parameters(), config, self.freeze.partial)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+        self.linear_params = matmul_parameters(self._unwrapped)
+        head = self._unwrapped.get_output_embeddings()
+        self.head_params = head.weight.numel() if head is not None else 0
+        self.peak_flops = matmul_peak_flops(device.type, torch.bfloat16 if self.mixed == "bf16" else torch.float32)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _unfreeze_new_rows(self, model: Any, old_vocab: int, added: int, summary: FreezeSummary) -> FreezeSummary:
+        """Embedding (and untied head) rows of added tokens train even when the matrices are frozen."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None and id(module.weight) in names:
+                summary = unfreeze_rows(model, names[id(module.weight)], old_vocab, old_vocab + added, summary)
+        return summary
+
+    @property
+    def _unwrapped(self) -> Any:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def _sharded(self) -> bool:
+        """FSDP and DeepSpeed shard parameters and optimizer state across processes."""
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self._unwrapped.named_parameters() if p.requires_grad}
+        if self._sharded:  # gather full tensors; every process must take part
+            return {n: t for n, t in self.accelerator.get_state_dict(self.model).items() if n in names}
+        return {n: p for n, p in self._unwrapped.named_parameters() if n in names}
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+
+    def run(self, progress: bool = False) -> TrainResult:
+        config, acc = self.config, self.accelerator
+        main = acc.is_main_process
+        resume = ckpt.resolve_resume(config.resume_from_checkpoint, self.output_dir)
+        state: dict[str, Any] = {"best_val": None, "bad_evals": 0, "val_losses": [], "train_losses": [], "tokens": 0,
+                                 "trained_tokens": 0, "seconds": 0.0}
+        step = 0
+        if resume is not None and self._sharded:
+            raise ForgeError(
+                "resume_from_checkpoint: resuming under FSDP/DeepSpeed is not supported yet (their optimizer state "
+                "is sharded); resume with plain DDP (`torchrun`, no fsdp/deepspeed keys) or start from the checkpoint"
+            )
+        if resume is not None:
+            saved = ckpt.load_checkpoint(resume, self._unwrapped, self.optimizer, acc.process_index)
+            step = saved.pop("step")
+            self.scheduler.load_state_dict(saved.pop("scheduler"))
+            state.update(saved)
+            if main and self.console:
+                self.console.print(f"resumed from {resume} at step {step}")
+        self.sink = MetricsSink(self.output_dir, config, enabled=main, resumed_step=step)
+        if main and self.console:
+            self._print_setup(resume)
+            for warning in self.sink.warnings:
+                self.console.print(f"[yellow]warning:[/] {warning}")
+
+        eval_every = self._every(config.eval_steps, config.evals_per_epoch)
+        save_every = self._every(config.save_steps, config.saves_per_epoch)
+        if self.val_rows is not None and step == 0:
+            self._evaluate(0, state)
+        stopped = "completed"
+        bar = progress_bar(progress and main)
+        with bar:
+            task = bar.add_task("train", total=self.total_steps, completed=step, stats="")
+            while step < self.total_steps:
+                started = time.perf_counter()
+                values = self._optimizer_step(step, state)
+                step += 1
+                elapsed = time.perf_counter() - started
+                state["seconds"] += elapsed
+                values.update(
+                    real_tokens_per_s=values["real_tokens"] / elapsed,
+                    trained_tokens_per_s=values["trained_tokens"] / elapsed,
+                    mfu=values.pop("flops") / elapsed / self.peak_flops,
+                    epoch=step / self.plan.steps_per_epoch,
+                )
+                state["train_losses"].append(values["loss"])
+                if step % config.logging_steps == 0 or step == self.total_steps:
+                    self.sink.log("train", step, values)
+                bar.update(task, completed=step, stats=describe_step(values))
+                if self.val_rows is not None and eval_every and step % eval_every == 0 and step < self.total_steps:
+                    if self._evaluate(step, state):
+                        stopped = "early_stopping"
+                if save_every and step % save_every == 0 and step < self.total_steps:
+                    self._save_checkpoint(step, state)
+                if stopped != "completed":
+                    break
+        if self.val_rows is not None and (not state["val_losses"] or state["val_losses"][-1][0] != step):
+            self._evaluate(step, state)
+        self.sink.close()
+        return self._finish(step, stopped, state)
+
+    def _every(self, steps: int | None, per_epoch: int | None) -> int | None:
+        if steps:
+            return steps
+        if per_epoch:
+            return max(1, self.plan.steps_per_epoch // per_epoch)
+        return None
+
+    def accumulate_gradients(self, step: int) -> dict[str, float]:
+        """Forward and backward over the window of optimizer step `step`, normalised by its trained-token count.
+
+        Afterwards every trainable parameter's `.grad` is the gradient of the mean loss over all trained tokens of
+        the window on all processes. Returns the loss and the token and FLOP counts of the window.
+        """
+        acc = self.accelerator
+        device = acc.device
+        batches = [collate([self.train_rows[i] for i in rows], self.pad_id, self._pad_to()) for rows in self.plan.window(step)]
+        counts = torch.tensor([sum(b.trained_tokens for b in batches), sum(b.real_tokens for b in batches)], device=device)
+        total_trained, total_real = (int(v) for v in acc.reduce(counts, reduction="sum"))
+        scale = acc.num_processes / max(1, total_trained)
+        self.model.train()
+        loss_sum = torch.zeros((), device=device)
+        flops = 0.0
+        for index, batch in enumerate(batches):
+            sync = index == len(batches) - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                summed, head_positions = summed_token_loss(self.model, batch.to(device))
+                acc.backward(summed * scale)
+            loss_sum += summed.detach()
+            flops += training_flops(self._unwrapped.config, self.linear_params - self.head_params, batch.seq_lens)
+            flops += 6.0 * self.head_params * head_positions
+        return {
+            "loss": float(acc.reduce(loss_sum, reduction="sum")) / max(1, total_trained),
+            "real_tokens": total_real,
+            "trained_tokens": total_trained,
+            "flops": float(acc.reduce(torch.tensor(flops, device=device), reduction="sum")) / acc.num_processes,
+        }
+
+    def _optimizer_step(self, step: int, state: dict[str, Any]) -> dict[str, float]:
+        """Accumulate, clip, stop on a non-finite loss, decay partially-trained rows, step."""
+        config = self.config
+        values = self.accumulate_gradients(step)
+        grad_norm = float("nan")
+        if config.max_grad_norm:
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = float(self.accelerator.clip_grad_norm_(trainable, config.max_grad_norm))
+        if not math.isfinite(values["loss"]) or (config.max_grad_norm and not math.isfinite(grad_norm)):
+            self._stop_on_nan(step, state, values["loss"], grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        for part in self.freeze.partial.values():
+            part.decay_(lr, config.weight_decay)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state["tokens"] += values["real_tokens"]
+        state["trained_tokens"] += values["trained_tokens"]
+        return {**values, "lr": lr, "grad_norm": grad_norm}
+
+    def _pad_to(self) -> int | None:
+        return self.config.sequence_len if self.config.pad_to_sequence_len else None
+
+    def _stop_on_nan(self, step: int, state: dict[str, Any], loss: float, grad_norm: float) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        path = self._save_checkpoint(step, state)
+        raise ForgeError(
+            f"training stopped at step {step + 1}: the loss is {loss} (gradient norm {grad_norm}), not a finite number; "
+            f"the last good state is saved in {path}. Lower learning_rate, set max_grad_norm, or check the data"
+        )
+
+    def _evaluate(self, step: int, state: dict[str, Any]) -> bool:
+        """Validation loss; returns True when early stopping says to stop."""
+        from accelerate.utils import DistributedType
+
+        from dolphin_forge.evaluate.perplexity import validation_loss
+
+        acc = self.accelerator
+        model = self.model if acc.distributed_type == DistributedType.FSDP else self._unwrapped
+        batch = self.config.eval_batch_size or self.config.micro_batch_size
+        loss = validation_loss(model, self.val_rows, batch_size=batch)
+        state["val_losses"].append([step, loss])
+        self.sink.log("eval", step, {"val_loss": loss})
+        if self.console and acc.is_main_process:
+            self.console.print(f"step {step}: validation loss {loss:.4f}")
+        best = state["best_val"]
+        if best is None or loss < best:
+            state["best_val"], state["bad_evals"] = loss, 0
+        elif step > 0:
+            state["bad_evals"] += 1
+        patience = self.config.early_stopping_patience
+        return bool(patience and state["bad_evals"] >= patience)
+
+    def _save_checkpoint(self, step: int, state: dict[str, Any]) -> Path:
+        acc = self.accelerator
+        return ckpt.save_checkpoint(
+            self.output_dir,
+            step,
+            trainable=self._trainable_state(),
+            optimizer=self.optimizer,
+            state={**state, "scheduler": self.scheduler.state_dict()},
+            rank=acc.process_index,
+            is_main=acc.is_main_process,
+            barrier=acc.wait_for_everyone,
+            keep=self.config.save_total_limit,
+        )
+
+    # --- output --------------------------------------------------------------------------------------------------
+
+    def _finish(self, step: int, stopped: str, state: dict[str, Any]) -> TrainResult:
+        from transformers import GenerationConfig
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        model = self._unwrapped
+        state_dict = acc.get_state_dict(self.model)
+        summary = {
+            "mode": self.mode,
+            "steps": step,
+            "total_steps": self.total_steps,
+            "stopped": stopped,
+            "epochs": step / self.plan.steps_per_epoch,
+            "processes": acc.num_processes,
+            "mixed_precision": self.mixed,
+            "trainable_parameters": self.freeze.trainable,
+            "frozen_parameters": self.freeze.frozen,
+            "first_train_loss": state["train_losses"][0] if state["train_losses"] else None,
+            "last_train_loss": state["train_losses"][-1] if state["train_losses"] else None,
+            "val_losses": state["val_losses"],
+            "tokens": state["tokens"],
+            "trained_tokens": state["trained_tokens"],
+            "train_seconds": state["seconds"],
+            "real_tokens_per_s": state["tokens"] / state["seconds"] if state["seconds"] else None,
+            "trained_tokens_per_s": state["trained_tokens"] / state["seconds"] if state["seconds"] else None,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "matmul_peak_flops": self.peak_flops,
+        }
+        if acc.is_main_process:
+            out = self.output_dir
+            out.mkdir(parents=True, exist_ok=True)
+            im_end = self.tokenizer.convert_tokens_to_ids(IM_END)
+            model.generation_config = GenerationConfig(
+                bos_token_id=getattr(model.config, "bos_token_id", None) if not self.config.adapter else None,
+                eos_token_id=im_end,
+                pad_token_id=self.pad_id,
+            )
+            restore_standard_attention(model.get_base_model() if self.config.adapter else model)
+            if self.config.adapter:
+                from dolphin_forge.models.default import resolve_model_path
+
+                model.peft_config["default"].base_model_name_or_path = resolve_model_path(self.config.base_model)
+                model.save_pretrained(out, safe_serialization=True)
+                model.generation_config.save_pretrained(out)
+            else:
+                model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+            self.tokenizer.save_pretrained(out)
+            (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+            if self.console:
+                self._print_summary(summary)
+        acc.wait_for_everyone()
+        return TrainResult(
+            output_dir=self.output_dir,
+            steps=step,
+            stopped=stopped,
+            train_losses=state["train_losses"],
+            val_losses=[tuple(v) for v in state["val_losses"]],
+            summary=summary,
+        )
+
+    # --- printing ------------------------------------------------------------------------------------------------
+
+    def _print_setup(self, resume: Path | None) -> None:
+        from rich.table import Table
+
+        table = Table(title=f"parameters ({self.mode} fine-tune)")
+        table.add_column("parameter")
+        table.add_column("trainable", justify="right")
+        table.add_column("frozen", justify="right")
+        for row in self.freeze.rows:
+            table.add_row(row["parameter"], f"{row['trainable']:,}", f"{row['frozen']:,}")
+        table.add_row("[bold]total", f"[bold]{self.freeze.trainable:,}", f"[bold]{self.freeze.frozen:,}")
+        self.console.print(table)
+        for pattern in self.freeze.unmatched:
+            self.console.print(f"[yellow]warning:[/] unfrozen_parameters: {pattern!r} matches no parameter")
+        self.console.print(
+            f"{len(self.train_rows)} training rows, {self.plan.steps_per_epoch} steps per epoch, "
+            f"{self.total_steps} steps, {self.accelerator.num_processes} process(es), precision: "
+            f"{'bf16 autocast' if self.mixed == 'bf16' else self.mixed if self.mixed != 'no' else 'float32'}"
+        )
+
+    def _print_summary(self, summary: dict[str, Any]) -> None:
+        from rich.table import Table
+
+        table = Table(title="training summary")
+        table.add_column("")
+        table.add_column("value", justify="right")
+        for key in ("steps", "stopped", "first_train_loss", "last_train_loss", "tokens", "trained_tokens",
+                    "real_tokens_per_s", "trained_tokens_per_s", "peak_rss_mb"):
+            value = summary[key]
+            table.add_row(key, f"{value:,.4f}" if isinstance(value, float) else str(value))
+        for step, loss in summary["val_losses"]:
+            table.add_row(f"val_loss @ step {step}", f"{loss:.4f}")
+        self.console.print(table)
+        self.console.print(f"model written to {self.output_dir}")
+
+
+def train(
+    config: ForgeConfig,
+    config_path: Path | None = None,
+    *,
+    train_rows: Any = None,
+    val_rows: Any = None,
+    progress: bool = False,
+    console: Any = None,
+) -> TrainResult:
+    """Fine-tune as `config` says; rows default to `preprocess(config)` (pass them to train on rows built in code)."""
+    recipe = SFTRecipe(config, config_path, console)
+    recipe.setup(train_rows, val_rows)
+    return recipe.run(progress=progress)

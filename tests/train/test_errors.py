@@ -1,0 +1,76 @@
+"""User mistakes and unsupported hardware end in one clear ForgeError, not a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dolphin_forge.config import ForgeConfig
+from dolphin_forge.errors import ForgeError
+from dolphin_forge.train import checkpoint as ckpt
+from dolphin_forge.train.distributed import fill_deepspeed_auto
+from dolphin_forge.train.optim import lr_factor
+from dolphin_forge.train.sft import train
+from tests.train.rows import random_rows
+
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error path")
+
+
+@CPU_ONLY
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"adapter": "qlora"}, "adapter: qlora needs bitsandbytes on a CUDA GPU"),
+        ({"adapter": "lora", "load_in_4bit": True}, "load_in_4bit needs bitsandbytes on a CUDA GPU"),
+        ({"optimizer": "adamw_8bit"}, "optimizer: adamw_8bit needs bitsandbytes on a CUDA GPU"),
+    ],
+)
+def test_gpu_only_features_fail_clearly_on_cpu(tmp_path, overrides, named):
+    config = ForgeConfig(base_model=str(tmp_path / "never-loaded"), output_dir=str(tmp_path / "out"), **overrides)
+    with pytest.raises(ForgeError, match=named) as info:
+        train(config, train_rows=[])
+    assert "instead" in str(info.value) or "use `optimizer: adamw_torch`" in str(info.value)
+
+
+def test_nan_loss_stops_with_a_last_good_checkpoint(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    config = ForgeConfig(base_model=str(tiny_model_dir), output_dir=str(out), sequence_len=64, max_steps=6,
+                         learning_rate=1e30, max_grad_norm=None, lr_scheduler="constant")
+    with pytest.raises(ForgeError, match=r"training stopped at step \d+: the loss is nan") as info:
+        train(config, train_rows=random_rows(4, 49152, seed=1))
+    saved = ckpt.latest_checkpoint(out)
+    assert saved is not None and str(saved) in str(info.value)
+    state = json.loads((saved / "state.json").read_text())
+    assert all(v == v for v in state["train_losses"])  # the checkpoint holds only finite-loss steps
+
+
+def test_deepspeed_auto_values_are_filled_from_the_config():
+    ds = {
+        "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                              "stage3_param_persistence_threshold": "auto"},
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+    }
+    config = ForgeConfig(micro_batch_size=3, gradient_accumulation_steps=4, max_grad_norm=0.5, bf16="auto")
+    filled = fill_deepspeed_auto(ds, config, world_size=8, hidden_size=64)
+    assert filled["train_batch_size"] == 96 and filled["train_micro_batch_size_per_gpu"] == 3
+    assert filled["gradient_accumulation_steps"] == 4 and filled["gradient_clipping"] == 0.5
+    assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
+    assert filled["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert "auto" not in json.dumps(filled)
+    assert ds["train_batch_size"] == "auto"  # the input is not modified
+
+
+def test_schedules():
+    cosine = [lr_factor(s, schedule="cosine", warmup=2, total=10) for s in range(10)]
+    assert cosine[:3] == [0.0, 0.5, 1.0] and cosine[-1] > 0 and all(a >= b for a, b in zip(cosine[2:], cosine[3:]))
+    assert lr_factor(6, schedule="cosine", warmup=2, total=10) == pytest.approx(0.5)
+    assert lr_factor(6, schedule="linear", warmup=2, total=10) == pytest.approx(0.5)
+    assert lr_factor(9, schedule="constant", warmup=2, total=10) == 1.0
+    assert lr_factor(10, schedule="cosine", warmup=0, total=10, min_ratio=0.1) == pytest.approx(0.1)

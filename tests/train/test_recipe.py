@@ -1,0 +1,92 @@
+"""The SFT recipe on a tiny random Llama: loss normalisation, an end-to-end run, the output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dolphin_forge.config import ForgeConfig
+from dolphin_forge.train.sft import SFTRecipe, train
+from tests.train.rows import random_rows
+
+
+def tiny_config(model_dir: Path, out: Path, **overrides) -> ForgeConfig:
+    values = dict(
+        base_model=str(model_dir),
+        output_dir=str(out),
+        sequence_len=64,
+        learning_rate=1e-3,
+        lr_scheduler="constant",
+        max_grad_norm=None,
+        seed=3,
+    )
+    values.update(overrides)
+    return ForgeConfig(**values)
+
+
+def window_gradients(model_dir: Path, out: Path, rows, **overrides) -> tuple[float, dict[str, torch.Tensor]]:
+    recipe = SFTRecipe(tiny_config(model_dir, out, **overrides))
+    recipe.setup(rows, None)
+    values = recipe.accumulate_gradients(0)
+    grads = {n: p.grad.clone() for n, p in recipe.model.named_parameters() if p.grad is not None}
+    return values["loss"], grads
+
+
+def test_one_batch_of_8_equals_8_batches_of_1(tiny_model_dir, tmp_path):
+    rows = random_rows(8, 49152, seed=5)  # rows of different lengths and trained-token counts
+    loss_a, grads_a = window_gradients(tiny_model_dir, tmp_path / "a", rows, micro_batch_size=8)
+    loss_b, grads_b = window_gradients(tiny_model_dir, tmp_path / "b", rows, micro_batch_size=1, gradient_accumulation_steps=8)
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-4, msg=name)
+    # a mean of per-micro-batch means would differ: the rows have unequal trained-token counts
+    counts = [sum(1 for t in r["labels"][1:] if t != -100) for r in rows]
+    assert len(set(counts)) > 1
+
+
+def test_train_lowers_loss_and_writes_a_chat_ready_model(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = random_rows(6, 200, seed=1, per_row=2, max_len=16)  # small id range: learnable in a few steps
+    val = rows[:2]
+    out = tmp_path / "out"
+    config = tiny_config(tiny_model_dir, out, max_steps=12, micro_batch_size=2, learning_rate=3e-3,
+                         lr_scheduler="cosine", warmup_steps=2, max_grad_norm=1.0, eval_steps=4)
+    result = train(config, train_rows=rows, val_rows=val)
+    assert result.steps == 12
+    assert result.val_losses[-1][1] < result.val_losses[0][1] - 0.5
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [m for m in metrics if m["kind"] == "train"]
+    assert [m["step"] for m in train_lines] == list(range(1, 13))
+    assert all(m["real_tokens_per_s"] > 0 and 0 < m["mfu"] for m in train_lines)
+    assert train_lines[0]["lr"] == 0.0 and train_lines[2]["lr"] == pytest.approx(3e-3)  # warmup then peak
+    assert [m["step"] for m in metrics if m["kind"] == "eval"] == [0, 4, 8, 12]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 12 and summary["mode"] == "full"
+    assert any((out / "tensorboard").iterdir())
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert model.generation_config.eos_token_id == im_end
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    trained = dict(model.named_parameters())
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_early_stopping_after_patience_evals_without_improvement(tiny_model_dir, tmp_path, monkeypatch):
+    import dolphin_forge.evaluate.perplexity as perplexity
+
+    losses = iter([5.0, 4.0, 3.0, 3.5, 3.6, 3.7, 3.8])
+    monkeypatch.setattr(perplexity, "validation_loss", lambda model, rows, batch_size: next(losses))
+    rows = random_rows(4, 49152, seed=1)
+    config = tiny_config(tiny_model_dir, tmp_path / "out", max_steps=10, eval_steps=1, early_stopping_patience=2)
+    result = train(config, train_rows=rows, val_rows=rows[:1])
+    assert result.stopped == "early_stopping" and result.steps == 4
+    assert [loss for _, loss in result.val_losses] == [5.0, 4.0, 3.0, 3.5, 3.6]
