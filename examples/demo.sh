@@ -15,6 +15,10 @@ echo "== preprocess: the curated rows in ChatML with label masks, packed"
 recipe=(examples/dolphin-2.9-llama3-8b.smollm2.yml --datasets "[{path: out/curated/curated.jsonl, type: sharegpt}]")
 $forge preprocess "${recipe[@]}" --debug 1
 
+echo "== train: a few SFT steps of the dolphin-2.9 recipe (full fine-tune, packed) on the curated rows"
+$forge train "${recipe[@]}" --max-steps 4 --micro-batch-size 1 --gradient-accumulation-steps 1 --sequence-len 512 \
+  --val-set-size 16 --output-dir out/demo-sft
+
 echo "== spectrum: SNR per weight matrix, unfrozen_parameters for the top 25% (dolphin-2.9.3's selective recipe)"
 $forge spectrum examples/dolphin-2.9.3-mistral-nemo-12b.smollm2.yml --top-percent 25 --show 5 --output-dir out/spectrum-demo
 
@@ -22,5 +26,5 @@ echo "== laser: Marchenko-Pastur rank reduction, kept only where perplexity does
 $forge laser examples/dolphin-2.6-mistral-7b-dpo-laser.smollm2.yml
 
 echo "== eval: wikitext-2 perplexity and Winogrande offline, tables like the cards'"
-$forge eval examples/dolphin-2.9-llama3-8b.smollm2.yml --data-dir ../shared/data/eval --tasks winogrande --limit 5 \
+$forge eval examples/dolphin-2.9-llama3-8b.smollm2.yml --model default --model out/demo-sft --data-dir ../shared/data/eval --tasks winogrande --limit 5 \
   --perplexity ../shared/data/eval/wikitext2_test.raw --max-tokens 2048 --eval.max_length 512 --output out/eval-demo
