@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dolphin_forge.errors import ForgeError
 
@@ -325,20 +325,11 @@ class ForgeConfig(BaseModel):
     laser: LaserConfig = Field(default_factory=LaserConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
 
-    @field_validator("tokens", mode="before")
+    @field_validator("tokens", "special_tokens", "datasets", mode="before")
     @classmethod
-    def _tokens_list(cls, value: Any) -> Any:
-        return [] if value is None else value
-
-    @field_validator("special_tokens", mode="before")
-    @classmethod
-    def _special_tokens(cls, value: Any) -> Any:
-        return {} if value is None else value
-
-    @field_validator("datasets", mode="before")
-    @classmethod
-    def _datasets_list(cls, value: Any) -> Any:
-        return [] if value is None else value
+    def _empty_means_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """Axolotl configs often leave these keys present but empty (`tokens:`); that means the default."""
+        return cls.model_fields[info.field_name].default_factory() if value is None else value
 
     @field_validator("fsdp", mode="before")
     @classmethod
@@ -499,6 +490,23 @@ def _inert_warnings(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def read_yaml_file(path: str | Path) -> tuple[dict[str, Any], str]:
+    """A YAML config file's mapping and its text; every problem is one line naming the file (and line)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ForgeError(f"{path}: config file not found")
+    text = file.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ForgeError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ForgeError(f"{path}: expected a mapping of keys to values at the top level")
+    return data, text
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: dict[str, str] | None = None,
@@ -509,16 +517,7 @@ def load_config(
     source = str(path) if path is not None else "<config>"
     lines: dict[str, int] = {}
     if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ForgeError(f"{source}: config file not found")
-        text = file.read_text(encoding="utf-8")
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{source}:{mark.line + 1}" if mark else source
-            raise ForgeError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        data, text = read_yaml_file(path)
         lines = _key_lines(text)
     if not isinstance(data or {}, dict):
         raise ForgeError(f"{source}: expected a mapping of keys to values at the top level")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from dolphin_forge.config import read_yaml_file
 from dolphin_forge.errors import ForgeError
 from dolphin_forge.spectral.scan import SpectrumScan, select_top
 
@@ -67,15 +68,7 @@ def _block_span(lines: list[str]) -> tuple[int, int] | None:
 def merge_into_config(config_path: str | Path, fragment: str) -> Path:
     """Replace (or append) the `unfrozen_parameters` block of a YAML config with `fragment`, atomically."""
     path = Path(config_path)
-    if not path.is_file():
-        raise ForgeError(f"--write-config {path}: file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        original = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ForgeError(f"{path}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(original, dict):
-        raise ForgeError(f"{path}: expected a mapping of keys to values at the top level")
+    original, text = read_yaml_file(path)
     lines = text.splitlines()
     span = _block_span(lines)
     new_block = fragment.rstrip("\n").splitlines()
