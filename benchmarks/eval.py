@@ -23,21 +23,10 @@ import torch
 from dolphin_forge.evaluate.harness import harness_model, resolve_tasks, run_harness, task_manager
 from dolphin_forge.evaluate.perplexity import perplexity_of_ids, tokenize_text
 from dolphin_forge.models.default import fetch_default_model
+from dolphin_forge.models.hardware import matmul_peak_flops
 from dolphin_forge.models.load import load_model
 
 EVAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
-
-
-def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    """Best float32 matmul throughput of this machine (FLOP/s), the denominator of MFU."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
 
 
 def guide_perplexity(model, ids: torch.Tensor, max_length: int, stride: int) -> tuple[float, int]:
@@ -67,7 +56,7 @@ def bench_perplexity(model, tokenizer, args: argparse.Namespace) -> None:
     text = (EVAL_DATA / "wikitext2_test.raw").read_text(encoding="utf-8")
     ids = tokenize_text(tokenizer, text, max_tokens=args.tokens)
     params = sum(p.numel() for p in model.parameters())
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops("cpu", torch.float32)
     start = time.perf_counter()
     guide_ppl, guide_tokens = guide_perplexity(model, ids, args.max_length, args.stride)
     guide_s = time.perf_counter() - start

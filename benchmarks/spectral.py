@@ -140,19 +140,6 @@ def ours_laser(model, tokenizer, text: str, tokens: int, max_length: int, candid
     }
 
 
-def matmul_peak_gflops() -> float:
-    import torch
-
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * 2048**3 / best / 1e9
-
-
 def bench_laser(model_dir: str, n_candidates: int, tokens: int, max_length: int, batch_size: int) -> dict:
     import torch
 
@@ -175,7 +162,9 @@ def bench_laser(model_dir: str, n_candidates: int, tokens: int, max_length: int,
         start = time.perf_counter()
         model(input_ids=ids, use_cache=False)
         forward = time.perf_counter() - start
-    peak = matmul_peak_gflops()
+    from dolphin_forge.models.hardware import matmul_peak_flops
+
+    peak = matmul_peak_flops("cpu", torch.float32) / 1e9
     forward_mfu = 2 * params * max_length / forward / 1e9 / peak
     return {"ours": ours, "reference": reference, "matmul_peak_gflops": peak, "forward_mfu": forward_mfu}
 

@@ -202,7 +202,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from dolphin_forge.models.default import fetch_default_model
-    from dolphin_forge.train.hardware import matmul_peak_flops
+    from dolphin_forge.models.hardware import matmul_peak_flops
     from dolphin_forge.train.metrics import matmul_parameters
     from dolphin_forge.models.load import load_model
 

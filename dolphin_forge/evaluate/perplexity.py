@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from dolphin_forge.errors import ForgeError
+from dolphin_forge.models.hardware import bf16_native
 
 #: Documents are joined with a blank line, the convention of the wikitext perplexity literature (and of the
 #: Hugging Face perplexity guide), so that results are comparable with published numbers.
@@ -78,11 +79,7 @@ def use_bf16_autocast(model: Any) -> bool:
     param = next(model.parameters())
     if param.dtype != torch.float32:
         return False
-    if param.device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if param.device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
+    return bf16_native(param.device)
 
 
 @contextlib.contextmanager

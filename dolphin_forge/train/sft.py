@@ -39,12 +39,8 @@ from dolphin_forge.models.load import IM_END, load_model, load_tokenizer, resize
 from dolphin_forge.train import checkpoint as ckpt
 from dolphin_forge.train.batches import IGNORE_INDEX, BatchPlan, MicroBatch, collate
 from dolphin_forge.train.distributed import make_accelerator
-from dolphin_forge.train.hardware import (
-    attention_implementation,
-    matmul_peak_flops,
-    mixed_precision,
-    weights_dtype,
-)
+from dolphin_forge.models.hardware import matmul_peak_flops
+from dolphin_forge.train.hardware import attention_implementation, mixed_precision, weights_dtype
 from dolphin_forge.train.metrics import (
     MetricsSink,
     describe_step,
