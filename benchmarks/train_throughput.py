@@ -2,7 +2,8 @@
 
 Same model (the embedded SmolLM2-135M-Instruct), same data (ShareGPT conversations from ../shared/data), sequence
 length 2048 with packing, micro batch 1, no accumulation, float32 on this CPU (Axolotl needs bf16: false here),
-AdamW at 2e-5, N optimizer steps each. Reported per tool:
+AdamW at 2e-5, N optimizer steps each, gradient checkpointing on for all three by default (the seed configs' setting
+and TRL's default; `--no-gradient-checkpointing` turns it off for all three). Reported per tool:
 
 * real tokens/s: non-padding tokens processed per second of training steps;
 * trained tokens/s: tokens whose label is trained (the masking differs: Axolotl and we train assistant turns only,
@@ -46,6 +47,7 @@ from transformers import AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 model_dir, data_path, out, steps, seq_len = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+checkpointing = sys.argv[6] == "1"
 roles = {"human": "user", "gpt": "assistant", "system": "system"}
 rows = [{"messages": [{"role": roles[t["from"]], "content": t["value"]} for t in r["conversations"]]}
         for r in json.load(open(data_path))]
@@ -65,7 +67,8 @@ class Timer(TrainerCallback):
 timer = Timer()
 config = SFTConfig(output_dir=out, max_length=seq_len, packing=True, per_device_train_batch_size=1,
                    gradient_accumulation_steps=1, max_steps=steps, learning_rate=2e-5, logging_steps=1,
-                   save_strategy="no", report_to=[], bf16=False, fp16=False, use_cpu=True, seed=42)
+                   save_strategy="no", report_to=[], bf16=False, fp16=False, use_cpu=True, seed=42,
+                   gradient_checkpointing=checkpointing)
 trainer = SFTTrainer(model=model_dir, args=config, train_dataset=dataset,
                      processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer])
 trainer.train()
@@ -82,7 +85,12 @@ def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -
     return proc.returncode, usage.ru_maxrss / 1024, log.read_text(errors="ignore")
 
 
-def run_ours(work: Path, model_dir: Path, steps: int, seq_len: int) -> dict:
+def checkpointing_keys(on: bool) -> dict:
+    """The seed configs' gradient checkpointing keys (Axolotl's and our schema share them)."""
+    return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}} if on else {}
+
+
+def run_ours(work: Path, model_dir: Path, steps: int, seq_len: int, checkpointing: bool) -> dict:
     config = {
         "base_model": str(model_dir),
         "datasets": [{"path": str(DATA), "type": "sharegpt", "conversation": "chatml"}],
@@ -98,6 +106,7 @@ def run_ours(work: Path, model_dir: Path, steps: int, seq_len: int) -> dict:
         "lr_scheduler": "cosine",
         "bf16": "auto",
         "seed": 42,
+        **checkpointing_keys(checkpointing),
     }
     path = work / "ours.yml"
     path.write_text(yaml.safe_dump(config))
@@ -117,7 +126,9 @@ def run_ours(work: Path, model_dir: Path, steps: int, seq_len: int) -> dict:
     }
 
 
-def run_axolotl(work: Path, model_dir: Path, steps: int, seq_len: int, peer_python: str, real_per_trained: float) -> dict:
+def run_axolotl(
+    work: Path, model_dir: Path, steps: int, seq_len: int, peer_python: str, real_per_trained: float, checkpointing: bool
+) -> dict:
     config = {
         "base_model": str(model_dir),
         "datasets": [{
@@ -148,6 +159,7 @@ def run_axolotl(work: Path, model_dir: Path, steps: int, seq_len: int, peer_pyth
         "val_set_size": 0,
         "include_tkps": True,
         "seed": 42,
+        **checkpointing_keys(checkpointing),
     }
     path = work / "axolotl.yml"
     path.write_text(yaml.safe_dump(config))
@@ -166,11 +178,12 @@ def run_axolotl(work: Path, model_dir: Path, steps: int, seq_len: int, peer_pyth
             "note": "real = trained x (real/trained of the same data as we mask it)"}
 
 
-def run_trl(work: Path, model_dir: Path, steps: int, seq_len: int, peer_python: str) -> dict:
+def run_trl(work: Path, model_dir: Path, steps: int, seq_len: int, peer_python: str, checkpointing: bool) -> dict:
     script = work / "trl_sft.py"
     script.write_text(TRL_SCRIPT)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled"}
-    cmd = [peer_python, str(script), str(model_dir), str(DATA), str(work / "trl-out"), str(steps), str(seq_len)]
+    cmd = [peer_python, str(script), str(model_dir), str(DATA), str(work / "trl-out"), str(steps), str(seq_len),
+           str(int(checkpointing))]
     code, rss, output = run_measured(cmd, work / "trl.log", env)
     if code != 0:
         raise SystemExit(f"TRL failed:\n{output[-3000:]}")
@@ -198,6 +211,7 @@ def main() -> None:
     parser.add_argument("--tools", default="ours,axolotl,trl")
     parser.add_argument("--peer-python", default="/work/peers/axo/bin/python")
     parser.add_argument("--work", default="/tmp/dolphin-forge-bench-train")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--reuse", action="store_true", help="Report tools not in --tools from an earlier run in --work")
     args = parser.parse_args()
 
@@ -218,10 +232,11 @@ def main() -> None:
     console.print(f"matmul peak: float32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s; {linear:,} linear weights")
 
     runners = {
-        "ours": ("dolphin-forge", lambda: run_ours(work, model_dir, args.steps, args.seq_len)),
+        "ours": ("dolphin-forge", lambda: run_ours(work, model_dir, args.steps, args.seq_len, args.gradient_checkpointing)),
         "axolotl": ("axolotl", lambda: run_axolotl(work, model_dir, args.steps, args.seq_len, args.peer_python,
-                                                   real_per_trained(work))),
-        "trl": ("trl", lambda: run_trl(work, model_dir, args.steps, args.seq_len, args.peer_python)),
+                                                   real_per_trained(work), args.gradient_checkpointing)),
+        "trl": ("trl", lambda: run_trl(work, model_dir, args.steps, args.seq_len, args.peer_python,
+                                           args.gradient_checkpointing)),
     }
     results: dict[str, dict] = {}
     tools = args.tools.split(",")
@@ -235,7 +250,9 @@ def main() -> None:
         elif args.reuse and saved.is_file():
             results[name] = json.loads(saved.read_text())
 
-    table = Table(title=f"training throughput, seq {args.seq_len}, packing, {args.steps} steps (first excluded)")
+    checkpointing = "on" if args.gradient_checkpointing else "off"
+    table = Table(title=f"training throughput, seq {args.seq_len}, packing, gradient checkpointing {checkpointing}, "
+                        f"{args.steps} steps (first excluded)")
     for column in ("tool", "real tok/s", "trained tok/s", "MFU fp32", "MFU vs bf16 peak", "peak RSS MiB"):
         table.add_column(column, justify="right")
     for name, r in results.items():

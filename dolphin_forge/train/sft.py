@@ -40,7 +40,12 @@ from dolphin_forge.train import checkpoint as ckpt
 from dolphin_forge.train.batches import IGNORE_INDEX, BatchPlan, MicroBatch, collate
 from dolphin_forge.train.distributed import make_accelerator
 from dolphin_forge.models.hardware import matmul_peak_flops
-from dolphin_forge.train.hardware import attention_implementation, mixed_precision, weights_dtype
+from dolphin_forge.train.hardware import (
+    attention_implementation,
+    mixed_precision,
+    release_freed_host_memory,
+    weights_dtype,
+)
 from dolphin_forge.train.metrics import (
     MetricsSink,
     describe_step,
@@ -148,7 +153,10 @@ class SFTRecipe:
             self.freeze = summarize(model, {}, [])
         if config.gradient_checkpointing:
             kwargs = config.gradient_checkpointing_kwargs or {"use_reentrant": False}
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             if kwargs.get("use_reentrant", True) and hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
 
@@ -284,6 +292,8 @@ class SFTRecipe:
             sync = index == len(batches) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
                 summed, head_positions = summed_token_loss(self.model, batch.to(device))
+                if self.config.gradient_checkpointing:
+                    release_freed_host_memory(device)
                 acc.backward(summed * scale)
             loss_sum += summed.detach()
             flops += training_flops(self._unwrapped.config, self.linear_params - self.head_params, batch.seq_lens)
@@ -311,6 +321,8 @@ class SFTRecipe:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if config.gradient_checkpointing:
+            release_freed_host_memory(self.accelerator.device)
         state["tokens"] += values["real_tokens"]
         state["trained_tokens"] += values["trained_tokens"]
         return {**values, "lr": lr, "grad_norm": grad_norm}
