@@ -1,8 +1,8 @@
 """Reading a model's weights one tensor at a time, straight from its safetensors files.
 
-Spectral scans must not load the whole model: a 12B model in fp32 is 48 GB. Each tensor is read through its own
-short-lived `safe_open`, so the memory map (whose touched pages count as resident memory) is released after every
-read and peak memory stays near the largest single tensor. Only safetensors are read; pickled `.bin` checkpoints
+Spectral scans must not load the whole model: a 12B model in fp32 is 48 GB. Each block of a tensor is read through
+its own short-lived `safe_open`, so the memory map (whose touched pages count as resident memory) is released after
+every read and peak memory stays below the size of one tensor. Only safetensors are read; pickled `.bin` checkpoints
 are refused.
 """
 
@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -78,10 +79,17 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.files)
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, copied out of its file; the file mapping is closed again before returning."""
-        with safe_open(self.files[name], framework="pt") as handle:
-            return handle.get_tensor(name)
+    def read_blocks(self, name: str, size: int, dim: int) -> Iterator[torch.Tensor]:
+        """A 2-D tensor in consecutive blocks of `size` rows (dim 0) or columns (dim 1), each read on its own.
+
+        Every block has its own short-lived mapping, so even the pages a strided column read touches are
+        released block by block.
+        """
+        total = self.shapes[name][dim]
+        for start in range(0, total, size):
+            with safe_open(self.files[name], framework="pt") as handle:
+                part = handle.get_slice(name)
+                yield part[start : start + size] if dim == 0 else part[:, start : start + size]
 
     def layer_matrices(
         self, module_types: list[str], layers: list[int] | None = None, section: str = "spectrum"

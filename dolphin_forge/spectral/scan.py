@@ -1,7 +1,8 @@
 """Spectrum: rank every layer matrix by its signal-to-noise ratio and pick the top share of each module type.
 
 The public Spectrum tool loads the whole model in fp32 and runs `svdvals` module after module. Here each matrix is
-read alone from safetensors (`checkpoint`), its singular values come from a float64 Gram eigensolve (`snr`), and
+read in blocks from safetensors (`checkpoint`), its singular values come from a float64 Gram matrix accumulated
+block by block and one symmetric eigensolve (`snr`), and
 several matrices are processed at once by a thread pool (torch releases the GIL inside its kernels), so the scan
 uses every core while holding only `workers` matrices in memory. The SNR and the top-share selection follow the
 reference tool exactly: per module type, sort by SNR descending and keep ``int(count * top_percent / 100)``.
@@ -22,7 +23,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dolphin_forge.spectral.checkpoint import Checkpoint, LayerMatrix
-from dolphin_forge.spectral.snr import matrix_snr
+from dolphin_forge.spectral.snr import GRAM_BLOCK, gram, is_tall, singular_values_of_gram, snr_of_spectrum
 from dolphin_forge.spectral.thresholds import ThresholdMode, signal_rank
 
 
@@ -83,7 +84,10 @@ def _threads_per_worker(workers: int) -> Iterator[None]:
 
 
 def _scan_one(checkpoint: Checkpoint, matrix: LayerMatrix, mode: ThresholdMode, device: torch.device) -> MatrixSpectrum:
-    snr, threshold, s = matrix_snr(checkpoint.read(matrix.tensor).to(device), mode)
+    tall = is_tall(matrix.shape)
+    blocks = checkpoint.read_blocks(matrix.tensor, GRAM_BLOCK, dim=0 if tall else 1)
+    s = singular_values_of_gram(gram(blocks, tall, device))
+    snr, threshold = snr_of_spectrum(s, matrix.shape, mode)
     return MatrixSpectrum(
         module=matrix.module,
         module_type=matrix.module_type,

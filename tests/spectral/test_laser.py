@@ -41,8 +41,9 @@ def ids(tokenizer) -> torch.Tensor:
     return tokenize_text(tokenizer, own_text(), max_tokens=192)
 
 
-def test_low_rank_keeps_exactly_the_singular_values_above_the_reference_threshold():
-    weight = planted(120, 80, rank=6, seed=4)
+@pytest.mark.parametrize("shape", [(120, 80), (80, 120)])
+def test_low_rank_keeps_exactly_the_singular_values_above_the_reference_threshold(shape):
+    weight = planted(*shape, rank=6, seed=4)
     reduced, before, after = low_rank(torch.from_numpy(weight), "marchenko_pastur")
     u, s, vh = np.linalg.svd(weight, full_matrices=False)
     sigma = (np.quantile(s, 0.75) - np.quantile(s, 0.25)) / 1.349

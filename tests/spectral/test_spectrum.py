@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from dolphin_forge.config import load_config
 from dolphin_forge.errors import ForgeError
 from dolphin_forge.models.freeze import apply_unfrozen_parameters
+from dolphin_forge.spectral import scan as scan_module
 from dolphin_forge.spectral.scan import scan_model, select_top
 from dolphin_forge.spectral.unfrozen import merge_into_config, unfrozen_parameters, unfrozen_parameters_yaml
 from tests.spectral.reference import spectrum_reference
@@ -31,7 +32,10 @@ def four_layer_dir(tmp_path_factory, tokenizer) -> Path:
     return save(build_tiny_model(tokenizer, num_hidden_layers=4, seed=1), tmp_path_factory.mktemp("m") / "untied")
 
 
-def test_scan_matches_numpy_reference_for_every_matrix(four_layer_dir):
+@pytest.mark.parametrize("block", [1024, 24])
+def test_scan_matches_numpy_reference_for_every_matrix(four_layer_dir, block, monkeypatch):
+    """Also when each matrix is read from safetensors in 24-row/-column blocks (tiny matrices fit one 1024-block)."""
+    monkeypatch.setattr(scan_module, "GRAM_BLOCK", block)
     scan = scan_model(four_layer_dir, TYPES, workers=2)
     weights = load_file(four_layer_dir / "model.safetensors")
     assert len(scan.matrices) == 4 * 7

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from dolphin_forge.spectral import snr
 from dolphin_forge.spectral.snr import matrix_snr, singular_values, spectrum_snr
 from dolphin_forge.spectral.thresholds import (
     gavish_donoho_omega,
@@ -37,8 +38,12 @@ def test_reference_threshold_and_snr_match_numpy_transcription(shape, seed):
     assert spectrum_snr(torch.from_numpy(ref_s), exact_threshold) == pytest.approx(ref_snr, rel=1e-12)
 
 
-def test_singular_values_match_lapack():
-    weight = torch.from_numpy(np.random.default_rng(3).standard_normal((200, 70)))
+@pytest.mark.parametrize("shape", [(200, 70), (70, 200)])
+@pytest.mark.parametrize("block", [16, 1024])
+def test_singular_values_match_lapack(shape, block, monkeypatch):
+    """Whether the Gram matrix is built in one product or summed over 16-row (or -column) blocks."""
+    monkeypatch.setattr(snr, "GRAM_BLOCK", block)
+    weight = torch.from_numpy(np.random.default_rng(3).standard_normal(shape))
     ours = singular_values(weight)
     ref = np.linalg.svd(weight.numpy(), compute_uv=False)
     np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-9, atol=1e-9 * ref[0])
