@@ -6,9 +6,10 @@ Each side runs in a fresh subprocess that reports its wall time and peak RSS (ru
 of the bare interpreter with torch imported, so that the model-dependent part can be compared as well. The two
 SNR tables are compared, and the top-50% selections must be identical.
 
-LASER: our search (`laser_search`: one reduced SVD per candidate, tokenised once, batched scoring, layer-input
-cache) against the reference procedure (per candidate: full SVD with full_matrices=True in float64, the eval text
-tokenised again, batch-1 full forward passes) on the same candidates, token budget and window length.
+LASER: our search (`laser_search`: one Gram eigensolve per candidate, only the needed prefix of the text tokenised,
+once; batched scoring, layer-input cache) against the reference procedure (per candidate: full SVD with
+full_matrices=True in float64, the whole eval text tokenised again, batch-1 full forward passes) on the same
+candidates, token budget and window length.
 Both must reach the same decisions.
 
     .venv/bin/python benchmarks/spectral.py [--model default] [--candidates 14] [--tokens 1024] [--max-length 256]
@@ -96,12 +97,15 @@ def reference_laser(model, tokenizer, text: str, tokens: int, max_length: int, c
     """Per candidate: full float64 SVD (full_matrices=True), re-tokenised text, batch-1 full forward passes."""
     import torch
 
-    from dolphin_forge.evaluate.perplexity import perplexity_of_ids, tokenize_text
+    from dolphin_forge.evaluate.perplexity import perplexity_of_ids
     from dolphin_forge.spectral.thresholds import marchenko_pastur_threshold
+
+    def tokenize_whole_text() -> torch.Tensor:  # as a plain script would: the whole file, then the budget
+        return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:tokens])
 
     params = dict(model.named_parameters())
     start = time.perf_counter()
-    ids = tokenize_text(tokenizer, text, max_tokens=tokens)
+    ids = tokenize_whole_text()
     current = perplexity_of_ids(model, ids, max_length=max_length, stride=max_length, batch_size=1).nll
     decisions = []
     for candidate in candidates:
@@ -111,7 +115,7 @@ def reference_laser(model, tokenizer, text: str, tokens: int, max_length: int, c
         k = int((s > marchenko_pastur_threshold(s, *weight.shape)).sum())
         with torch.no_grad():
             weight.copy_(((u[:, :k] * s[:k]) @ vh[:k]).to(weight.dtype))
-        ids = tokenize_text(tokenizer, text, max_tokens=tokens)
+        ids = tokenize_whole_text()
         nll = perplexity_of_ids(model, ids, max_length=max_length, stride=max_length, batch_size=1).nll
         if nll <= current:
             current = nll
@@ -140,7 +144,7 @@ def ours_laser(model, tokenizer, text: str, tokens: int, max_length: int, candid
     }
 
 
-def bench_laser(model_dir: str, n_candidates: int, tokens: int, max_length: int, batch_size: int) -> dict:
+def bench_laser(model_dir: str, n_candidates: int, tokens: int, max_length: int, batch_size: int, order: str) -> dict:
     import torch
 
     from dolphin_forge.models.load import load_model
@@ -151,7 +155,7 @@ def bench_laser(model_dir: str, n_candidates: int, tokens: int, max_length: int,
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text = WIKITEXT.read_text(encoding="utf-8")
     scan = scan_model(model_dir, TYPES)
-    candidates = order_candidates(scan.matrices, "lowest_snr", TYPES)[:n_candidates]
+    candidates = order_candidates(scan.matrices, order, TYPES)[:n_candidates]
     ours = ours_laser(load_model(model_dir), tokenizer, text, tokens, max_length, candidates, batch_size)
     reference = reference_laser(load_model(model_dir), tokenizer, text, tokens, max_length, candidates)
     model = load_model(model_dir)
@@ -179,6 +183,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--order", choices=["lowest_snr", "last_layer_first"], default="lowest_snr")
     args = parser.parse_args()
     from dolphin_forge.models.default import resolve_model_path
 
@@ -209,10 +214,10 @@ def main() -> None:
             f"  max relative SNR difference {diff:.2e}; identical top-50% selection: {same}"
         )
     if args.part in ("laser", "all"):
-        laser = bench_laser(model, args.candidates, args.tokens, args.max_length, args.batch_size)
+        laser = bench_laser(model, args.candidates, args.tokens, args.max_length, args.batch_size, args.order)
         ours, ref = laser["ours"], laser["reference"]
         print(
-            f"laser: {args.candidates} lowest-SNR candidates, {args.tokens} tokens, windows of {args.max_length}\n"
+            f"laser: {args.candidates} candidates ({args.order}), {args.tokens} tokens, windows of {args.max_length}\n"
             f"  ours      {ours['seconds']:7.2f} s (batch {args.batch_size}, layer-input cache {ours['prefix_cache']})\n"
             f"  reference {ref['seconds']:7.2f} s (full SVD, re-tokenised, batch 1, full forwards)\n"
             f"  speed-up {ref['seconds'] / ours['seconds']:.2f}x; same decisions: {ours['decisions'] == ref['decisions']} "

@@ -38,6 +38,24 @@ def test_tokenize_text_joins_documents_with_a_blank_line(tokenizer):
     assert tokenize_text(tokenizer, docs, max_tokens=3).tolist() == ids[:3].tolist()
 
 
+@pytest.mark.parametrize("max_tokens", [2, 97, 512, 4096, 30000])
+def test_max_tokens_equals_the_whole_texts_leading_ids(tokenizer, shared_data, max_tokens):
+    """Only a prefix of the file is tokenised; its ids must be those of the whole file (CRLF and blank-free lines)."""
+    text = (shared_data / "eval" / "wikitext2_test.raw").read_text(encoding="utf-8")
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenize_text(tokenizer, text, max_tokens=max_tokens).tolist() == whole[:max_tokens]
+
+
+def test_max_tokens_on_text_with_whitespace_runs_and_without_line_breaks(tokenizer):
+    lines = [f"Line {i}:  spaced   words\tand tabs" + "\n" * (1 + i % 3) for i in range(400)]
+    text = "".join(lines)
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for n in (5, 150, 1200):
+        assert tokenize_text(tokenizer, text, max_tokens=n).tolist() == whole[:n]
+    one_line = " ".join(["word"] * 3000)
+    assert tokenize_text(tokenizer, one_line, max_tokens=50).tolist() == tokenizer(one_line, add_special_tokens=False)["input_ids"][:50]
+
+
 def test_stride_one_gives_every_token_exactly_its_window_of_context(model):
     torch.manual_seed(0)
     ids = torch.randint(0, 1000, (23,))
