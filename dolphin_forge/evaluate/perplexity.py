@@ -68,6 +68,10 @@ def tokenize_text(tokenizer: Any, texts: str | Sequence[str], max_tokens: int | 
     return torch.tensor(ids, dtype=torch.long)
 
 
+#: Tokens past `max_tokens` a text prefix must yield before its ids are trusted (only its tail can differ).
+_PREFIX_MARGIN = 64
+
+
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -89,10 +93,6 @@ def _leading_ids(tokenizer: Any, text: str, max_tokens: int) -> list[int]:
                 return ids[:max_tokens]
         length *= 4
     return _ids(tokenizer, text)[:max_tokens]
-
-
-#: Tokens past `max_tokens` a text prefix must yield before its ids are trusted (only its tail can differ).
-_PREFIX_MARGIN = 64
 
 
 def _model_device(model: Any) -> torch.device:

@@ -30,7 +30,7 @@ from dolphin_forge.config import LaserConfig
 from dolphin_forge.evaluate.perplexity import PerplexityResult, perplexity_of_ids
 from dolphin_forge.spectral.prefix_cache import PrefixCachedLM, decoder_layers
 from dolphin_forge.spectral.scan import MatrixSpectrum
-from dolphin_forge.spectral.snr import is_tall
+from dolphin_forge.spectral.snr import gram, is_tall
 from dolphin_forge.spectral.thresholds import ThresholdMode, noise_threshold, signal_rank
 
 
@@ -96,7 +96,7 @@ def low_rank(weight: torch.Tensor, mode: ThresholdMode) -> tuple[torch.Tensor, i
     w = weight.detach().to(torch.float64)
     n, m = w.shape
     tall = is_tall((n, m))
-    eigenvalues, vectors = torch.linalg.eigh(w.T @ w if tall else w @ w.T)
+    eigenvalues, vectors = torch.linalg.eigh(gram([w], tall))
     s, vectors = eigenvalues.clamp_min(0).sqrt().flip(0), vectors.flip(1)
     k = signal_rank(s, noise_threshold(s, n, m, mode))
     basis = vectors[:, :k]
