@@ -30,7 +30,11 @@ def tiny_config(model_dir: Path, out: Path, **overrides) -> ForgeConfig:
 def window_gradients(model_dir: Path, out: Path, rows, **overrides) -> tuple[float, dict[str, torch.Tensor]]:
     recipe = SFTRecipe(tiny_config(model_dir, out, **overrides))
     recipe.setup(rows, None)
-    assert recipe._unwrapped.is_gradient_checkpointing == bool(overrides.get("gradient_checkpointing"))
+    model = recipe._unwrapped
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.2x; older name below
+    if checkpointing is None:
+        checkpointing = model.is_gradient_checkpointing
+    assert checkpointing == bool(overrides.get("gradient_checkpointing"))
     values = recipe.accumulate_gradients(0)
     grads = {n: p.grad.clone() for n, p in recipe.model.named_parameters() if p.grad is not None}
     return values["loss"], grads
