@@ -20,10 +20,15 @@ from dolphin_forge.config import ForgeConfig, resolve_path
 from dolphin_forge.errors import ForgeError
 
 
-def fill_deepspeed_auto(ds: dict[str, Any], config: ForgeConfig, world_size: int, hidden_size: int | None) -> dict[str, Any]:
-    """A copy of a DeepSpeed config with every `"auto"` replaced by the value the training config implies."""
+def fill_deepspeed_auto(
+    ds: dict[str, Any], config: ForgeConfig, world_size: int, hidden_size: int | None, mixed: str
+) -> dict[str, Any]:
+    """A copy of a DeepSpeed config with every `"auto"` replaced by the value the training config implies.
+
+    `mixed` is the run's precision as `train.hardware.mixed_precision` resolved it for this device ('bf16', 'fp16'
+    or 'no'), so `bf16: auto` enables DeepSpeed's bf16 only on hardware that has it.
+    """
     filled = json.loads(json.dumps(ds))
-    mixed = "bf16" if config.bf16 in ("auto", True, "full") else ("fp16" if config.fp16 else "no")
     values = {
         "train_micro_batch_size_per_gpu": config.micro_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
@@ -84,7 +89,7 @@ def make_accelerator(config: ForgeConfig, config_path: Path | None, mixed: str, 
         from accelerate.utils import DeepSpeedPlugin
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        ds = fill_deepspeed_auto(read_deepspeed_config(config, config_path), config, world, hidden_size)
+        ds = fill_deepspeed_auto(read_deepspeed_config(config, config_path), config, world, hidden_size, mixed)
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
     elif config.fsdp:
         from accelerate.utils import FullyShardedDataParallelPlugin

@@ -58,13 +58,16 @@ def test_deepspeed_auto_values_are_filled_from_the_config():
         "train_micro_batch_size_per_gpu": "auto",
     }
     config = ForgeConfig(micro_batch_size=3, gradient_accumulation_steps=4, max_grad_norm=0.5, bf16="auto")
-    filled = fill_deepspeed_auto(ds, config, world_size=8, hidden_size=64)
+    filled = fill_deepspeed_auto(ds, config, world_size=8, hidden_size=64, mixed="bf16")
     assert filled["train_batch_size"] == 96 and filled["train_micro_batch_size_per_gpu"] == 3
     assert filled["gradient_accumulation_steps"] == 4 and filled["gradient_clipping"] == 0.5
     assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
     assert filled["zero_optimization"]["reduce_bucket_size"] == 64 * 64
     assert "auto" not in json.dumps(filled)
     assert ds["train_batch_size"] == "auto"  # the input is not modified
+    # `bf16: auto` on a GPU without bf16 resolves to no mixed precision: DeepSpeed must not switch bf16 on
+    plain = fill_deepspeed_auto(ds, config, world_size=8, hidden_size=64, mixed="no")
+    assert plain["bf16"]["enabled"] is False and plain["fp16"]["enabled"] is False
 
 
 def test_schedules():
