@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dolphin_forge.errors import ForgeError
+from dolphin_forge.plotting import pyplot, save_png
 
 #: The metric (and harness filter) that stands for a task in the comparison table.
 HEADLINE_METRICS: dict[str, tuple[str, str]] = {
@@ -131,11 +132,7 @@ def render_report(evaluations: list[ModelEvaluation]) -> str:
 
 def plot_comparison(evaluations: list[ModelEvaluation], path: Path) -> Path | None:
     """Grouped bars of the headline task scores (perplexities left out: another scale); None if nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     per_model = [{k: v for k, v in headline_scores(e).items() if not k.endswith("(ppl)")} for e in evaluations]
     tasks = sorted({task for scores in per_model for task in scores})
     if not tasks:
@@ -148,10 +145,7 @@ def plot_comparison(evaluations: list[ModelEvaluation], path: Path) -> Path | No
     ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, rotation=20, ha="right")
     ax.set_ylabel("score (%)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def write_results(evaluations: list[ModelEvaluation], folder: Path) -> dict[str, Path]:

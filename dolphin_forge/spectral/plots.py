@@ -6,14 +6,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from dolphin_forge.spectral.scan import SpectrumScan, select_top  # noqa: E402
+from dolphin_forge.plotting import pyplot, save_png
+from dolphin_forge.spectral.scan import SpectrumScan, select_top
 
 if TYPE_CHECKING:
     from dolphin_forge.spectral.laser import LaserAttempt
@@ -27,6 +23,7 @@ def snr_heatmap(scan: SpectrumScan, top_percent: float, path: Path) -> Path:
     row, col = {l: i for i, l in enumerate(layers)}, {t: j for j, t in enumerate(types)}
     for m in scan.matrices:
         grid[row[m.layer], col[m.module_type]] = math.log10(max(m.snr, 1e-12))
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.2 * len(types) + 2.5, 0.25 * len(layers) + 2))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     for group in select_top(scan, top_percent).values():
@@ -38,10 +35,7 @@ def snr_heatmap(scan: SpectrumScan, top_percent: float, path: Path) -> Path:
     ax.set_ylabel("layer")
     ax.set_title(f"Spectrum SNR ({scan.threshold}); dots: top {top_percent:g}% per type")
     fig.colorbar(image, ax=ax, label="log10 SNR")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def laser_trace(attempts: list[LaserAttempt], baseline: float, path: Path) -> Path:
@@ -50,6 +44,9 @@ def laser_trace(attempts: list[LaserAttempt], baseline: float, path: Path) -> Pa
     The y axis stops at 1.15 x the baseline so that small differences stay visible; attempts that ruined the model
     are drawn as triangles on the top edge.
     """
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.12 * len(attempts) + 4)), 4))
     kept_line = [baseline] + [a.perplexity_after if a.kept else a.perplexity_before for a in attempts]
     ax.step(np.arange(0, len(attempts) + 1), kept_line, where="post", color="black", label="kept model")
@@ -68,7 +65,4 @@ def laser_trace(attempts: list[LaserAttempt], baseline: float, path: Path) -> Pa
     ax.set_ylabel("search perplexity")
     ax.set_title("LASER-RMT search")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
