@@ -43,6 +43,17 @@ LOCAL_TASKS: dict[str, str] = {
     "ifeval": "ifeval_local",
 }
 
+#: One MMLU subject, named as the harness names it (`mmlu_anatomy`); the local subject tasks live in `tasks/mmlu/`.
+MMLU_SUBJECTS: tuple[str, ...] = tuple(sorted(p.stem.removeprefix("mmlu_local_") for p in (TASKS_DIR / "mmlu").glob("*.yaml")))
+
+
+def local_task(name: str) -> str | None:
+    """Our local task for a name a user writes (`mmlu`, `mmlu_anatomy`, `gsm8k`, ...), or None if there is none."""
+    if name in LOCAL_TASKS:
+        return LOCAL_TASKS[name]
+    subject = name.removeprefix("mmlu_")
+    return f"mmlu_local_{subject}" if name.startswith("mmlu_") and subject in MMLU_SUBJECTS else None
+
 #: Named suites: (task, shots); None keeps the task's own shot count.
 SUITES: dict[str, tuple[tuple[str, int | None], ...]] = {
     "leaderboard-v1": (
@@ -100,16 +111,17 @@ def resolve_tasks(
         if name in seen:
             continue
         seen.add(name)
-        if data_dir is not None and name in LOCAL_TASKS:
-            requests.append(TaskRequest(name, LOCAL_TASKS[name], shots))
+        local = local_task(name)
+        if data_dir is not None and local is not None:
+            requests.append(TaskRequest(name, local, shots))
         elif hub:
             requests.append(TaskRequest(name, name, shots))
-        elif name in LOCAL_TASKS:
+        elif local is not None:
             raise ForgeError(f"eval.tasks: {name} runs from local files here; set eval.data_dir (or --data-dir)")
         elif any(name in (task for task, _ in suite) for suite in SUITES.values()):
             skipped.append(f"{name}: no local copy and the dataset hub is off (eval.hub: false): skipped")
         else:
-            known = ", ".join([*SUITES, *LOCAL_TASKS])
+            known = ", ".join([*SUITES, *LOCAL_TASKS, "mmlu_<subject>"])
             raise ForgeError(
                 f"eval.tasks: {name!r} has no local copy (known: {known}); set eval.hub: true to run harness "
                 "tasks from the dataset hub"

@@ -39,6 +39,16 @@ def test_hub_tasks_run_from_the_hub_when_allowed(tmp_path):
     assert not skipped
 
 
+def test_single_mmlu_subjects_run_locally_under_the_harness_names(tmp_path):
+    requests, _ = resolve_tasks(["mmlu_anatomy", "mmlu_high_school_us_history"], tmp_path)
+    assert [(r.name, r.harness_task) for r in requests] == [
+        ("mmlu_anatomy", "mmlu_local_anatomy"),
+        ("mmlu_high_school_us_history", "mmlu_local_high_school_us_history"),
+    ]
+    with pytest.raises(ForgeError, match="'mmlu_anatomyy' has no local copy"):
+        resolve_tasks(["mmlu_anatomyy"], tmp_path)
+
+
 def test_unknown_or_unrunnable_tasks_are_one_line_errors(tmp_path):
     with pytest.raises(ForgeError, match="'arc_chalenge' has no local copy"):
         resolve_tasks(["arc_chalenge"], tmp_path)
