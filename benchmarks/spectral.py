@@ -1,7 +1,7 @@
 """Spectral tools against the public procedures, measured in the same run on the same model.
 
-Spectrum: our scan (tensor-by-tensor from safetensors, float64 Gram eigenvalues, thread pool) against the public
-Spectrum tool's algorithm (load the whole model in fp32, `torch.linalg.svdvals` per module, same SNR formula).
+Spectrum: our scan (tensor-by-tensor from safetensors, float64 Gram eigenvalues, one matrix at a time on all
+cores, or `--workers N` matrices at once) against the public Spectrum tool's algorithm (load the whole model in fp32, `torch.linalg.svdvals` per module, same SNR formula).
 Each side runs in a fresh subprocess that reports its wall time and peak RSS (ru_maxrss), and the resident memory
 of the bare interpreter with torch imported, so that the model-dependent part can be compared as well. The two
 SNR tables are compared, and the top-50% selections must be identical.
@@ -47,14 +47,14 @@ def peak_mb() -> float:
 # --- children: one measurement each, in a fresh process ----------------------------------------------------------
 
 
-def child_ours(model: str) -> dict:
+def child_ours(model: str, workers: int) -> dict:
     import torch  # noqa: F401 - the baseline includes torch, like the reference's
 
     from dolphin_forge.spectral.scan import scan_model
 
     base = rss_mb()
     start = time.perf_counter()
-    scan = scan_model(model, TYPES)
+    scan = scan_model(model, TYPES, workers=workers)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_mb": peak_mb(), "base_mb": base, "snr": {m.module: m.snr for m in scan.matrices}}
 
@@ -83,9 +83,12 @@ def child_reference(model: str) -> dict:
     return {"seconds": seconds, "peak_mb": peak_mb(), "base_mb": base, "snr": snr}
 
 
-def run_child(kind: str, model: str) -> dict:
+def run_child(kind: str, model: str, workers: int) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", kind, "--model", model], capture_output=True, text=True, check=True
+        [sys.executable, __file__, "--child", kind, "--model", model, "--workers", str(workers)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -179,6 +182,7 @@ def main() -> None:
     parser.add_argument("--child", choices=["ours", "reference"])
     parser.add_argument("--part", choices=["spectrum", "laser", "all"], default="all")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="matrices our scan works on at once")
     parser.add_argument("--candidates", type=int, default=14)
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--max-length", type=int, default=256)
@@ -189,7 +193,7 @@ def main() -> None:
 
     model = resolve_model_path(args.model)
     if args.child:
-        result = child_ours(model) if args.child == "ours" else child_reference(model)
+        result = child_ours(model, args.workers) if args.child == "ours" else child_reference(model)
         print(json.dumps(result))
         return
 
@@ -198,13 +202,13 @@ def main() -> None:
         runs = {"ours": [], "reference": []}
         for _ in range(args.repeats):
             for kind in ("reference", "ours"):
-                runs[kind].append(run_child(kind, model))
+                runs[kind].append(run_child(kind, model, args.workers))
         ours = min(runs["ours"], key=lambda r: r["seconds"])
         ref = min(runs["reference"], key=lambda r: r["seconds"])
         diff = max(abs(ours["snr"][k] - v) / abs(v) for k, v in ref["snr"].items())
         same = _top_half(ours["snr"]) == _top_half(ref["snr"])
         print(
-            f"spectrum: {len(ref['snr'])} matrices, best of {args.repeats}\n"
+            f"spectrum: {len(ref['snr'])} matrices, best of {args.repeats}, our workers {args.workers}\n"
             f"  ours      {ours['seconds']:7.2f} s  peak RSS {ours['peak_mb']:7.0f} MB "
             f"(torch-imported baseline {ours['base_mb']:.0f} MB)\n"
             f"  reference {ref['seconds']:7.2f} s  peak RSS {ref['peak_mb']:7.0f} MB "

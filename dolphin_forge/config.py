@@ -176,7 +176,7 @@ class SpectrumConfig(BaseModel):
     module_types: list[str] = Field(default_factory=lambda: list(SPECTRAL_MODULE_TYPES), min_length=1)
     top_percent: float = Field(default=50.0, gt=0, le=100)
     threshold: NoiseThreshold = "marchenko_pastur"
-    workers: int | None = Field(default=None, ge=1)
+    workers: int = Field(default=1, ge=1)  # matrices scanned at once (each uses all cores; N x the memory)
     output_dir: str | None = None  # default: <output_dir>/spectrum
 
 
