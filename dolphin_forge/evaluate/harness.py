@@ -44,7 +44,9 @@ LOCAL_TASKS: dict[str, str] = {
 }
 
 #: One MMLU subject, named as the harness names it (`mmlu_anatomy`); the local subject tasks live in `tasks/mmlu/`.
-MMLU_SUBJECTS: tuple[str, ...] = tuple(sorted(p.stem.removeprefix("mmlu_local_") for p in (TASKS_DIR / "mmlu").glob("*.yaml")))
+MMLU_SUBJECTS: tuple[str, ...] = tuple(
+    sorted(path.stem.removeprefix("mmlu_local_") for path in (TASKS_DIR / "mmlu").glob("*.yaml"))
+)
 
 
 def local_task(name: str) -> str | None:
@@ -53,6 +55,7 @@ def local_task(name: str) -> str | None:
         return LOCAL_TASKS[name]
     subject = name.removeprefix("mmlu_")
     return f"mmlu_local_{subject}" if name.startswith("mmlu_") and subject in MMLU_SUBJECTS else None
+
 
 #: Named suites: (task, shots); None keeps the task's own shot count.
 SUITES: dict[str, tuple[tuple[str, int | None], ...]] = {

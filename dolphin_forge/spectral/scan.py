@@ -6,8 +6,9 @@ block by block and one symmetric eigensolve (`snr`). By default one matrix is in
 its matrix multiply and eigensolve, so peak memory is one block, one Gram matrix and the eigensolver's workspace
 whatever the model's size. `workers: N` scans N matrices at once on a thread pool (torch releases the GIL inside
 its kernels): faster when matrices are too small to keep every core busy, for N times the per-matrix memory (on
-this project's 2-core CPU and SmolLM2-135M, 2 workers take 3.3 s instead of 4.5 s and peak 20-25 MB higher). The SNR and the top-share selection follow the
-reference tool exactly: per module type, sort by SNR descending and keep ``int(count * top_percent / 100)``.
+this project's 2-core CPU and SmolLM2-135M, 2 workers take 3.3 s instead of 4.5 s and peak 20-25 MB higher).
+The SNR and the top-share selection follow the reference tool exactly: per module type, sort by SNR descending
+and keep ``int(count * top_percent / 100)``.
 """
 
 from __future__ import annotations
