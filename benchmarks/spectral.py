@@ -1,8 +1,8 @@
 """Spectral tools against the public procedures, measured in the same run on the same model.
 
 Spectrum: our scan (tensor-by-tensor from safetensors, float64 Gram eigenvalues, one matrix at a time on all
-cores, or `--workers N` matrices at once) against the public Spectrum tool's algorithm (load the whole model in fp32, `torch.linalg.svdvals` per module, same SNR formula).
-Each side runs in a fresh subprocess that reports its wall time and peak RSS (ru_maxrss), and the resident memory
+cores, or `--workers N` matrices at once) against the public Spectrum tool's algorithm (load the whole model in
+fp32, `torch.linalg.svdvals` per module, same SNR formula). Each side runs in a fresh subprocess that reports its wall time and peak RSS (VmHWM), and the resident memory
 of the bare interpreter with torch imported, so that the model-dependent part can be compared as well. The two
 SNR tables are compared, and the top-50% selections must be identical.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -33,15 +32,20 @@ TYPES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.
 WIKITEXT = ROOT.parent / "shared" / "data" / "eval" / "wikitext2_test.raw"
 
 
-def rss_mb() -> float:
+def _status_mb(key: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
+def rss_mb() -> float:
+    return _status_mb("VmRSS:")
+
+
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent that forked this process."""
+    return _status_mb("VmHWM:")
 
 
 # --- children: one measurement each, in a fresh process ----------------------------------------------------------
