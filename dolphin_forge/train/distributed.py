@@ -74,6 +74,15 @@ def read_deepspeed_config(config: ForgeConfig, config_path: Path | None) -> dict
         raise ForgeError(f"deepspeed: {path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
 
 
+def check_sharding_supported(config: ForgeConfig) -> None:
+    """FSDP shards over accelerator devices (accelerate refuses it on a CPU): say so before anything is loaded."""
+    if config.fsdp and not torch.accelerator.is_available():
+        raise ForgeError(
+            "fsdp: FSDP needs GPUs (accelerate shards over CUDA/XPU devices) and none is available; on this machine "
+            "drop the fsdp keys and train with plain DDP instead (`torchrun --nproc_per_node N`)"
+        )
+
+
 def make_accelerator(config: ForgeConfig, config_path: Path | None, mixed: str, hidden_size: int | None) -> Any:
     """The `Accelerator` for this run (plain, DDP, FSDP or DeepSpeed)."""
     from accelerate import Accelerator

@@ -38,7 +38,7 @@ from dolphin_forge.models.packed import restore_standard_attention
 from dolphin_forge.models.load import IM_END, load_model, load_tokenizer, resize_for_tokenizer
 from dolphin_forge.train import checkpoint as ckpt
 from dolphin_forge.train.batches import IGNORE_INDEX, BatchPlan, MicroBatch, collate
-from dolphin_forge.train.distributed import make_accelerator
+from dolphin_forge.train.distributed import check_sharding_supported, make_accelerator
 from dolphin_forge.models.hardware import matmul_peak_flops
 from dolphin_forge.train.hardware import (
     attention_implementation,
@@ -110,6 +110,7 @@ class SFTRecipe:
         config = self.config
         check_quantization_supported(config)
         check_optimizer_supported(config)
+        check_sharding_supported(config)
         set_seed(config.seed)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.mixed = mixed_precision(config, device)

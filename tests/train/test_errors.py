@@ -15,7 +15,7 @@ from dolphin_forge.train.optim import lr_factor
 from dolphin_forge.train.sft import train
 from tests.train.rows import random_rows
 
-CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error path")
+CPU_ONLY = pytest.mark.skipif(torch.accelerator.is_available(), reason="checks the CPU error path")
 
 
 @CPU_ONLY
@@ -25,6 +25,7 @@ CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU 
         ({"adapter": "qlora"}, "adapter: qlora needs bitsandbytes on a CUDA GPU"),
         ({"adapter": "lora", "load_in_4bit": True}, "load_in_4bit needs bitsandbytes on a CUDA GPU"),
         ({"optimizer": "adamw_8bit"}, "optimizer: adamw_8bit needs bitsandbytes on a CUDA GPU"),
+        ({"fsdp": ["full_shard", "auto_wrap"]}, "fsdp: FSDP needs GPUs"),
     ],
 )
 def test_gpu_only_features_fail_clearly_on_cpu(tmp_path, overrides, named):
