@@ -14,7 +14,6 @@ and keep ``int(count * top_percent / 100)``.
 from __future__ import annotations
 
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -73,9 +72,9 @@ class SpectrumScan:
 
 @contextmanager
 def _threads_per_worker(workers: int) -> Iterator[None]:
-    """Split the cores between concurrent workers so their kernels do not oversubscribe the CPU."""
+    """Split torch's threads (physical cores, or OMP_NUM_THREADS) between concurrent workers: no oversubscription."""
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    torch.set_num_threads(max(1, before // workers))
     try:
         yield
     finally:
