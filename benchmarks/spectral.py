@@ -2,9 +2,10 @@
 
 Spectrum: our scan (tensor-by-tensor from safetensors, float64 Gram eigenvalues, one matrix at a time on all
 cores, or `--workers N` matrices at once) against the public Spectrum tool's algorithm (load the whole model in
-fp32, `torch.linalg.svdvals` per module, same SNR formula). Each side runs in a fresh subprocess that reports its wall time and peak RSS (VmHWM), and the resident memory
-of the bare interpreter with torch imported, so that the model-dependent part can be compared as well. The two
-SNR tables are compared, and the top-50% selections must be identical.
+fp32, `torch.linalg.svdvals` per module, same SNR formula). Each side runs in a fresh subprocess that reports
+its wall time, its peak RSS (VmHWM) and the resident memory of the bare interpreter with torch imported, so that
+the model-dependent part can be compared as well. The two SNR tables are compared, and the top-50% selections
+must be identical.
 
 LASER: our search (`laser_search`: one Gram eigensolve per candidate, only the needed prefix of the text tokenised,
 once; batched scoring, layer-input cache) against the reference procedure (per candidate: full SVD with
