@@ -199,6 +199,14 @@ class LaserConfig(BaseModel):
     max_attempts: int | None = Field(default=None, gt=0)
     time_budget_minutes: float | None = Field(default=None, gt=0)
     output_dir: str | None = None  # default: <output_dir>/laser
+    @field_validator("heldout_tokens")
+    @classmethod
+    def _heldout_scorable(cls, value: int) -> int:
+        """A perplexity needs two tokens (one predicted): catch 1 here, not after the model has been loaded."""
+        if value == 1:
+            raise ValueError("expected 0 (no held-out measurement) or a number >= 2")
+        return value
+
 
 
 class EvalConfig(BaseModel):

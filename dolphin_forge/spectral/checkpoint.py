@@ -21,8 +21,13 @@ from dolphin_forge.errors import ForgeError
 
 INDEX_FILE = "model.safetensors.index.json"
 
-#: `model.layers.12.mlp.down_proj.weight` -> prefix `model.layers`, layer 12, module type `mlp.down_proj`.
-_LAYER_WEIGHT = re.compile(r"^(?P<prefix>.*?)\.(?P<layer>\d+)\.(?P<type>.+)\.weight$")
+#: `model.layers.12.mlp.down_proj.weight` -> layer 12, module type `mlp.down_proj`.
+_LAYER_WEIGHT = re.compile(r"^.*?\.(?P<layer>\d+)\.(?P<type>.+)\.weight$")
+
+
+def is_module_type(module_type: str, wanted: str) -> bool:
+    """Whether a configured type names this module type: in full (`mlp.up_proj`) or by its last parts (`up_proj`)."""
+    return module_type == wanted or module_type.endswith("." + wanted)
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,6 @@ class LayerMatrix:
     module_type: str  # e.g. mlp.up_proj
     layer: int
     shape: tuple[int, int]
-    file: Path
 
 
 class Checkpoint:
@@ -76,9 +80,6 @@ class Checkpoint:
                     shapes[name] = tuple(handle.get_slice(name).get_shape())
         return shapes
 
-    def names(self) -> list[str]:
-        return list(self.files)
-
     def read_blocks(self, name: str, size: int, dim: int) -> Iterator[torch.Tensor]:
         """A 2-D tensor in consecutive blocks of `size` rows (dim 0) or columns (dim 1), each read on its own.
 
@@ -106,7 +107,7 @@ class Checkpoint:
             if match is None or len(shape) != 2:
                 continue
             module_type = match["type"]
-            wanted = next((t for t in module_types if module_type == t or module_type.endswith("." + t)), None)
+            wanted = next((t for t in module_types if is_module_type(module_type, t)), None)
             if wanted is None:
                 continue
             used.add(wanted)
@@ -119,7 +120,6 @@ class Checkpoint:
                     module_type=module_type,
                     layer=int(match["layer"]),
                     shape=(int(shape[0]), int(shape[1])),
-                    file=self.files[name],
                 )
             )
         unknown = [t for t in module_types if t not in used]

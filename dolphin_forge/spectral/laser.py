@@ -28,6 +28,7 @@ import torch
 
 from dolphin_forge.config import LaserConfig
 from dolphin_forge.evaluate.perplexity import PerplexityResult, perplexity_of_ids
+from dolphin_forge.spectral.checkpoint import is_module_type
 from dolphin_forge.spectral.prefix_cache import PrefixCachedLM, decoder_layers
 from dolphin_forge.spectral.scan import MatrixSpectrum
 from dolphin_forge.spectral.snr import gram, is_tall
@@ -79,19 +80,29 @@ class LaserResult:
         }
 
 
-def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> int:
-    """Rank at the stored precision: singular values above max(n, m) * eps(dtype) * largest."""
-    tolerance = max(shape) * torch.finfo(dtype).eps * float(singular_values[0])
-    return int((singular_values > tolerance).sum())
+def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int]) -> int:
+    """Rank of W as its float64 Gram matrix resolves it: numpy's `matrix_rank` rule applied to W^T W (or W W^T).
+
+    The tolerance follows the precision the decomposition is computed in, not the weight's storage dtype: at bf16's
+    eps (2^-7) that rule puts the tolerance above the largest singular value of any matrix with a side >= 128, so
+    every candidate would look rank 0 and the search would never try one.
+    """
+    eigenvalues = singular_values.to(torch.float64).square()
+    tolerance = min(shape) * torch.finfo(torch.float64).eps * float(eigenvalues[0])
+    return int((eigenvalues > tolerance).sum())
 
 
 @torch.no_grad()
-def low_rank(weight: torch.Tensor, mode: ThresholdMode) -> tuple[torch.Tensor, int, int]:
+def low_rank(
+    weight: torch.Tensor, mode: ThresholdMode, storage_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, int, int]:
     """(W truncated to the signal rank, in W's dtype; rank before; rank after), from one float64 eigensolve.
 
     The truncated SVD U_k S_k V_k^T equals W V_k V_k^T (tall W) or U_k U_k^T W (wide W), and V (or U) with the
     squared singular values are the eigenpairs of the smaller Gram matrix: one matrix product and a symmetric
     eigensolve on a min(n, m)-square matrix, 3-7x faster than a float64 SVD on SmolLM2's matrices.
+    With `storage_dtype` (the dtype the model will be saved in) the result is rounded through it, so the matrix
+    that is scored is exactly the one that is saved.
     """
     w = weight.detach().to(torch.float64)
     n, m = w.shape
@@ -101,7 +112,7 @@ def low_rank(weight: torch.Tensor, mode: ThresholdMode) -> tuple[torch.Tensor, i
     k = signal_rank(s, noise_threshold(s, n, m, mode))
     basis = vectors[:, :k]
     reduced = (w @ basis) @ basis.T if tall else basis @ (basis.T @ w)
-    return reduced.to(weight.dtype), numerical_rank(s, (n, m), weight.dtype), k
+    return reduced.to(storage_dtype or weight.dtype).to(weight.dtype), numerical_rank(s, (n, m)), k
 
 
 def order_candidates(matrices: list[MatrixSpectrum], order: str, module_types: list[str]) -> list[MatrixSpectrum]:
@@ -109,7 +120,7 @@ def order_candidates(matrices: list[MatrixSpectrum], order: str, module_types: l
     if order == "last_layer_first":
 
         def type_position(matrix: MatrixSpectrum) -> int:
-            wanted = (i for i, t in enumerate(module_types) if matrix.module_type == t or matrix.module_type.endswith("." + t))
+            wanted = (i for i, t in enumerate(module_types) if is_module_type(matrix.module_type, t))
             return next(wanted, len(module_types))
 
         return sorted(matrices, key=lambda m: (-m.layer, type_position(m)))
@@ -161,8 +172,13 @@ def laser_search(
     settings: LaserConfig,
     on_attempt: Callable[[LaserAttempt, int], None] | None = None,
     prefix_cache: bool = True,
+    storage_dtype: torch.dtype | None = None,
 ) -> LaserResult:
-    """Try each candidate in order; keep a change only if search perplexity does not get worse."""
+    """Try each candidate in order; keep a change only if search perplexity does not get worse.
+
+    `storage_dtype` is the dtype the model will be saved in (see `low_rank`): the perplexities reported are then
+    those of the saved model.
+    """
     start = time.perf_counter()
     params = dict(model.named_parameters())
     scorer = Scorer(model, search_ids, settings.max_length, settings.batch_size, prefix_cache)
@@ -171,18 +187,12 @@ def laser_search(
     result.prefix_cache = scorer.cached is not None
     tried = 0
     for index, candidate in enumerate(candidates):
-        if len(result.kept) >= settings.max_changes:
-            result.stopped_by = f"max_changes ({settings.max_changes}) kept"
-            break
-        if settings.max_attempts is not None and tried >= settings.max_attempts:
-            result.stopped_by = f"max_attempts ({settings.max_attempts}) spent"
-            break
         if settings.time_budget_minutes is not None and time.perf_counter() - start > settings.time_budget_minutes * 60:
             result.stopped_by = f"time budget ({settings.time_budget_minutes:g} min) spent"
             break
         began = time.perf_counter()
         param = params[f"{candidate.module}.weight"]
-        reduced, rank_before, rank_after = low_rank(param, settings.threshold)
+        reduced, rank_before, rank_after = low_rank(param, settings.threshold, storage_dtype)
         attempt = LaserAttempt(
             candidate.module, candidate.layer, candidate.snr, rank_before, rank_after, current.perplexity,
             None, False, "", 0.0,
@@ -207,6 +217,13 @@ def laser_search(
         result.attempts.append(attempt)
         if on_attempt is not None:
             on_attempt(attempt, index)
+        # checked after the attempt, so that the change that reaches a limit is labelled by it, even when last
+        if len(result.kept) >= settings.max_changes:
+            result.stopped_by = f"max_changes ({settings.max_changes}) kept"
+            break
+        if settings.max_attempts is not None and tried >= settings.max_attempts:
+            result.stopped_by = f"max_attempts ({settings.max_attempts}) spent"
+            break
     result.final = current
     result.seconds = time.perf_counter() - start
     return result

@@ -16,6 +16,8 @@ cached pass with the full pass bit for bit and the search falls back to full pas
 
 Memory: one hidden-state tensor per layer per batch (layers x tokens x hidden size x 4 bytes for fp32). When that
 exceeds `max_bytes`, only every k-th layer's input is kept and an attempt starts at the nearest kept layer below.
+`max_bytes` bounds the cache, not the peak: during a scoring pass the inputs being recorded (`pending`) sit beside
+the cache until the change is kept or dropped, so the two together can reach 2 x `max_bytes`.
 """
 
 from __future__ import annotations

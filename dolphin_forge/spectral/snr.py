@@ -1,10 +1,11 @@
 """Singular values of a weight matrix, fast, and Spectrum's signal-to-noise ratio.
 
-`singular_values` does not call an SVD routine: it takes the eigenvalues of the smaller Gram matrix (W^T W or
-W W^T) in float64. The Gram product is one matrix multiply, which uses every core at full speed, and the symmetric
-eigensolver on a min(n, m)-sized matrix is several times cheaper than the bidiagonalisation inside `svdvals`
-(about 10x on this project's CPU for SmolLM2's matrices). Squaring the spectrum loses precision only for values
-below ~1e-8 of the largest, and float64 keeps every value at least as accurate as an fp32 `svdvals` would.
+Singular values come without an SVD routine: `singular_values_of_gram` takes the eigenvalues of the smaller Gram
+matrix (W^T W or W W^T) in float64. The Gram product is one matrix multiply, which uses every core at full speed,
+and the symmetric eigensolver on a min(n, m)-sized matrix is several times cheaper than the bidiagonalisation
+inside `svdvals` (about 10x on this project's CPU for SmolLM2's matrices). Squaring the spectrum loses precision
+only for values below ~1e-8 of the largest, and float64 keeps every value at least as accurate as an fp32
+`svdvals` would.
 
 The Gram matrix is accumulated block by block (`gram`: rows of a tall W, columns of a wide one), so W never
 exists whole in float64: a scan reading blocks straight from safetensors holds the min(n, m)-square Gram matrix
@@ -13,7 +14,8 @@ plus one block, not W in fp32 and again in fp64 (for a 5120 x 14336 matrix of a 
 
 `spectrum_snr` is the reference definition of the public Spectrum tool (see `thresholds` for the threshold):
 SNR = (sum of singular values above the threshold / sum of those at or below it) / largest singular value, the
-noise sum taken as 1 when no value is at or below the threshold.
+noise sum taken as 1 when no value is at or below the threshold. An all-zero matrix (largest value 0, e.g. a
+pruned or zero-initialised projection) has no signal: its SNR is 0 rather than a division by zero.
 """
 
 from __future__ import annotations
@@ -52,20 +54,17 @@ def singular_values_of_gram(gram_matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram_matrix).clamp_min(0).sqrt().flip(0)
 
 
-def singular_values(weight: torch.Tensor) -> torch.Tensor:
-    """All min(n, m) singular values of a 2-D weight, float64, descending."""
-    tall = is_tall(tuple(weight.shape))
-    return singular_values_of_gram(gram(weight.detach().split(GRAM_BLOCK, dim=0 if tall else 1), tall))
-
-
 def spectrum_snr(singular_values: torch.Tensor, threshold: float) -> float:
     """Spectrum's SNR: signal sum over noise sum (1 if there is no noise), divided by the largest singular value."""
     s = singular_values.to(torch.float64)
+    largest = float(s.max())
+    if largest == 0.0:
+        return 0.0
     signal = float(s[s > threshold].sum())
     noise = float(s[s <= threshold].sum())
     if noise == 0.0:
         noise = 1.0
-    return signal / noise / float(s.max())
+    return signal / noise / largest
 
 
 def snr_of_spectrum(
@@ -74,10 +73,3 @@ def snr_of_spectrum(
     """(snr, threshold) of an n x m matrix with singular values `s` under the given threshold mode."""
     threshold = noise_threshold(s, shape[0], shape[1], mode)
     return spectrum_snr(s, threshold), threshold
-
-
-def matrix_snr(weight: torch.Tensor, mode: ThresholdMode = "marchenko_pastur") -> tuple[float, float, torch.Tensor]:
-    """(snr, threshold, singular values) of one in-memory weight matrix under the given threshold mode."""
-    s = singular_values(weight)
-    snr, threshold = snr_of_spectrum(s, tuple(weight.shape), mode)
-    return snr, threshold, s

@@ -142,7 +142,8 @@ def run_laser(config: ForgeConfig, config_path: Path | None = None, progress: bo
     # CPU: fp32 (bf16 autocast where native, see evaluate.perplexity). GPU: the checkpoint's own dtype, so weights
     # that are not changed are saved back bit-identical and a 7B model fits.
     on_gpu = torch.cuda.is_available()
-    dtype = (stored_dtype(model_dir) or torch.bfloat16) if on_gpu else torch.float32
+    source_dtype = stored_dtype(model_dir)
+    dtype = (source_dtype or torch.bfloat16) if on_gpu else torch.float32
     model = load_model(model_dir, dtype=dtype, trust_remote_code=config.trust_remote_code)
     if on_gpu:
         model = model.to("cuda")
@@ -167,7 +168,8 @@ def run_laser(config: ForgeConfig, config_path: Path | None = None, progress: bo
             state = "kept" if attempt.kept else attempt.reason
             bar.update(task, completed=index + 1, description=f"{attempt.module} {state}")
 
-        result = laser_search(model, search_ids, candidates, settings, on_attempt=advance)
+        # changes are rounded to the dtype `save_like_source` writes, so every reported perplexity is the saved model's
+        result = laser_search(model, search_ids, candidates, settings, on_attempt=advance, storage_dtype=source_dtype)
         heldout_after = heldout()
 
     folder = Path(settings.output_dir or Path(config.output_dir) / "laser")

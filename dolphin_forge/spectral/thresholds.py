@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Literal
+from typing import get_args
 
 import numpy as np
 import torch
 
-ThresholdMode = Literal["marchenko_pastur", "gavish_donoho"]
-THRESHOLD_MODES: tuple[str, ...] = ("marchenko_pastur", "gavish_donoho")
+from dolphin_forge.config import NoiseThreshold as ThresholdMode  # the one list of modes, validated in the config
 
 #: IQR of a standard normal distribution: IQR / 1.349 estimates its standard deviation.
 NORMAL_IQR = 1.349
@@ -89,7 +88,7 @@ def noise_threshold(singular_values: torch.Tensor, n: int, m: int, mode: Thresho
         return marchenko_pastur_threshold(singular_values, n, m)
     if mode == "gavish_donoho":
         return gavish_donoho_threshold(singular_values, n, m)
-    raise ValueError(f"unknown threshold mode {mode!r}; expected one of {THRESHOLD_MODES}")
+    raise ValueError(f"unknown threshold mode {mode!r}; expected one of {get_args(ThresholdMode)}")
 
 
 def signal_rank(singular_values: torch.Tensor, threshold: float) -> int:

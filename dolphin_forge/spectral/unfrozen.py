@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -66,8 +67,13 @@ def _block_span(lines: list[str]) -> tuple[int, int] | None:
 
 
 def merge_into_config(config_path: str | Path, fragment: str) -> Path:
-    """Replace (or append) the `unfrozen_parameters` block of a YAML config with `fragment`, atomically."""
+    """Replace (or append) the `unfrozen_parameters` block of a YAML config with `fragment`, atomically.
+
+    A symlinked config is followed (the link stays a link and its target is updated), and the file keeps its
+    permissions: the temporary file from `mkstemp` would otherwise leave a private 0600 copy in the link's place.
+    """
     path = Path(config_path)
+    target = path.resolve()
     original, text = read_yaml_file(path)
     lines = text.splitlines()
     span = _block_span(lines)
@@ -86,8 +92,9 @@ def merge_into_config(config_path: str | Path, fragment: str) -> Path:
             f"{path}: could not merge `{KEY}` without disturbing other keys (is it written in flow style?); "
             "paste the fragment by hand"
         )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(merged_text)
-    os.replace(tmp, path)
+    os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+    os.replace(tmp, target)
     return path

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
+from safetensors.torch import load_file
 
 from dolphin_forge.config import LaserConfig, load_config
 from dolphin_forge.errors import ForgeError
@@ -14,8 +17,10 @@ from dolphin_forge.evaluate.perplexity import perplexity_of_ids, tokenize_text
 from dolphin_forge.models.load import load_model
 from dolphin_forge.spectral import laser as laser_module
 from dolphin_forge.spectral.laser import Scorer, laser_search, low_rank, order_candidates
+from dolphin_forge.spectral.report import laser_summary
 from dolphin_forge.spectral.scan import scan_model
 from dolphin_forge.spectral.stages import run_laser
+from dolphin_forge.spectral.thresholds import gavish_donoho_threshold
 from tests.spectral.reference import planted
 from tests.tiny import build_tiny_model
 
@@ -52,6 +57,31 @@ def test_low_rank_keeps_exactly_the_singular_values_above_the_reference_threshol
     np.testing.assert_allclose(reduced.numpy(), (u[:, :k] * s[:k]) @ vh[:k], atol=1e-10)
     _, _, gd = low_rank(torch.from_numpy(weight), "gavish_donoho")
     assert gd == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_before_detects_an_exactly_rank_deficient_matrix(dtype):
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(100, 5, generator=generator) @ torch.randn(5, 60, generator=generator)).to(dtype)
+    _, before, after = low_rank(weight, "marchenko_pastur")
+    assert before == 5 and after >= before  # the search logs "no singular value below threshold" and skips it
+
+
+def test_bf16_weights_are_truncated_not_skipped(tokenizer, ids, tmp_path):
+    """A rank rule at bf16's eps (2^-7) called every matrix with a side >= 128 rank 0, so nothing was ever tried."""
+    model = build_tiny_model(tokenizer, num_hidden_layers=3, seed=2).to(torch.bfloat16).eval()
+    folder = tmp_path / "bf16"
+    model.save_pretrained(folder, safe_serialization=True)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scan = scan_model(folder, ["mlp.up_proj", "mlp.down_proj"])
+    result = laser_search(model, ids, scan.matrices, LaserConfig(max_length=64, batch_size=2, max_changes=6))
+    assert len(result.attempts) == 6 and result.kept
+    params = dict(model.named_parameters())
+    for attempt in result.attempts:
+        assert attempt.rank_before == 64 and attempt.rank_after < 64 and attempt.perplexity_after is not None
+        name = attempt.module + ".weight"
+        expected = low_rank(original[name], "marchenko_pastur")[0] if attempt.kept else original[name]
+        assert params[name].dtype == torch.bfloat16 and torch.equal(params[name], expected), name
 
 
 def test_prefix_cache_scores_exactly_like_a_full_forward(tiny, ids):
@@ -135,6 +165,52 @@ def test_order_and_budgets(tiny, ids, tmp_path):
     assert len(result.attempts) == 3 and result.stopped_by == "max_attempts (3) spent"
 
 
+def test_max_changes_stops_at_the_second_kept_change_and_says_so(tokenizer, ids, tmp_path):
+    model = build_tiny_model(tokenizer, num_hidden_layers=3, seed=2).eval()
+    model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    lowest = order_candidates(scan_model(tmp_path / "m", TYPES).matrices, "lowest_snr", TYPES)
+    unlimited = laser_search(model, ids, lowest, LaserConfig(max_length=64, batch_size=2, max_changes=len(lowest)))
+    decisions = [a.kept for a in unlimited.attempts]
+    second = [i for i, kept in enumerate(decisions) if kept][1]  # this tiny model keeps several changes
+    for candidates in (lowest, lowest[: second + 1]):  # also when the second kept change is the last candidate
+        fresh = build_tiny_model(tokenizer, num_hidden_layers=3, seed=2).eval()
+        result = laser_search(fresh, ids, candidates, LaserConfig(max_length=64, batch_size=2, max_changes=2))
+        assert [a.kept for a in result.attempts] == decisions[: second + 1]
+        assert len(result.kept) == 2 and result.stopped_by == "max_changes (2) kept"
+
+
+def test_a_spent_time_budget_tries_nothing(tiny, ids, tmp_path):
+    tiny.save_pretrained(tmp_path / "m", safe_serialization=True)
+    before = {n: p.detach().clone() for n, p in tiny.named_parameters()}
+    scan = scan_model(tmp_path / "m", TYPES)
+    result = laser_search(tiny, ids, scan.matrices, LaserConfig(max_length=64, batch_size=2, time_budget_minutes=1e-9))
+    assert result.attempts == [] and result.stopped_by == "time budget (1e-09 min) spent"
+    assert result.final == result.baseline
+    assert all(torch.equal(p, before[n]) for n, p in tiny.named_parameters())
+
+
+def test_gavish_donoho_search_truncates_to_the_gavish_donoho_rank(tiny, ids, tmp_path):
+    planted_name = "model.layers.1.mlp.up_proj.weight"
+    params = dict(tiny.named_parameters())
+    with torch.no_grad():  # a rank-3 signal in noise: the rank Gavish-Donoho must find
+        params[planted_name].copy_(torch.from_numpy(0.02 * planted(128, 64, rank=3, seed=7)))
+    tiny.save_pretrained(tmp_path / "m", safe_serialization=True)
+    original = {n: p.detach().clone() for n, p in tiny.named_parameters()}
+    scan = scan_model(tmp_path / "m", TYPES, mode="gavish_donoho")
+    settings = LaserConfig(max_length=64, batch_size=2, threshold="gavish_donoho", max_changes=len(scan.matrices))
+    result = laser_search(tiny, ids, scan.matrices, settings)
+    assert result.threshold == "gavish_donoho" and len(result.attempts) == len(scan.matrices)
+    ranks = {a.module + ".weight": a.rank_after for a in result.attempts}
+    assert ranks[planted_name] == 3
+    for name, rank in ranks.items():
+        s = np.linalg.svd(original[name].numpy().astype(np.float64), compute_uv=False)
+        assert rank == int((s > gavish_donoho_threshold(torch.from_numpy(s), *original[name].shape)).sum()), name
+    for attempt in result.attempts:
+        name = attempt.module + ".weight"
+        expected = low_rank(original[name], "gavish_donoho")[0] if attempt.kept else original[name]
+        assert torch.equal(params[name], expected), name
+
+
 def test_laser_stage_on_wikitext_writes_a_loadable_model(tmp_path, tiny_model_dir, shared_data, tokenizer):
     config = load_config(
         data={
@@ -152,15 +228,49 @@ def test_laser_stage_on_wikitext_writes_a_loadable_model(tmp_path, tiny_model_di
     assert len(log["attempts"]) == 4 and log["heldout_tokens"] == 128 and log["prefix_cache"] is True
     assert outputs.plot.stat().st_size > 1000
     saved = load_model(outputs.model_dir)
-    text = (shared_data / "eval" / "wikitext2_test.raw").read_text(encoding="utf-8")
-    heldout = tokenize_text(tokenizer, text, max_tokens=384)[256:]
-    measured = perplexity_of_ids(saved, heldout, max_length=128, stride=128, batch_size=2)
-    assert measured.perplexity == pytest.approx(outputs.heldout_after.perplexity, rel=1e-9)
-    kept = set(log["kept"])
     source = load_model(tiny_model_dir)
+    text = (shared_data / "eval" / "wikitext2_test.raw").read_text(encoding="utf-8")
+    tokens = tokenize_text(tokenizer, text, max_tokens=384)
+    search, heldout = tokens[:256], tokens[256:]
+
+    def ppl(model, ids):
+        return perplexity_of_ids(model, ids, max_length=128, stride=128, batch_size=2)
+
+    # the search scored exactly the first 256 tokens, never the held-out part
+    assert log["search_tokens"] == 256
+    assert log["baseline"]["nll"] == pytest.approx(ppl(source, search).nll, rel=1e-9)
+    assert log["baseline"]["tokens"] == ppl(source, search).tokens
+    assert log["heldout_before"]["nll"] == pytest.approx(ppl(source, heldout).nll, rel=1e-9)
+    assert ppl(saved, heldout).perplexity == pytest.approx(outputs.heldout_after.perplexity, rel=1e-9)
+    kept = set(log["kept"])
     for name, param in saved.named_parameters():
         same = torch.equal(param, dict(source.named_parameters())[name])
         assert same == (name.removesuffix(".weight") not in kept), name
+
+
+def test_reported_perplexities_are_those_of_the_saved_bf16_model(tmp_path, tokenizer):
+    """The search scores fp32 weights on CPU but saves bf16: each change is rounded before it is scored."""
+    source = tmp_path / "bf16"
+    build_tiny_model(tokenizer, num_hidden_layers=3, seed=2).to(torch.bfloat16).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    text = tmp_path / "text.txt"
+    text.write_text(own_text())
+    laser = {"eval_file": str(text), "search_tokens": 128, "heldout_tokens": 64, "max_length": 64, "batch_size": 2}
+    config = load_config(data={"base_model": str(source), "output_dir": str(tmp_path / "out"), "laser": laser}).config
+    outputs = run_laser(config)
+    assert outputs.result.kept  # some changed matrix went through the bf16 rounding
+    assert {t.dtype for t in load_file(outputs.model_dir / "model.safetensors").values()} == {torch.bfloat16}
+    saved = load_model(outputs.model_dir)  # float32, as the search ran on CPU
+    tokens = tokenize_text(tokenizer, own_text(), max_tokens=192)
+    search = perplexity_of_ids(saved, tokens[:128], max_length=64, stride=64, batch_size=2)
+    heldout = perplexity_of_ids(saved, tokens[128:], max_length=64, stride=64, batch_size=2)
+    assert outputs.result.final.nll == pytest.approx(search.nll, rel=1e-12)
+    assert outputs.heldout_after.nll == pytest.approx(heldout.nll, rel=1e-12)
+    # without a held-out part (laser.heldout_tokens: 0, the default) the summary says it was not measured
+    console = Console(record=True, width=200)
+    console.print(laser_summary(replace(outputs, heldout_before=None, heldout_after=None)))
+    row = [line for line in console.export_text().splitlines() if "held-out perplexity" in line]
+    assert len(row) == 1 and "not measured (set laser.heldout_tokens)" in row[0]
 
 
 def test_laser_errors(tmp_path, tiny_model_dir):
@@ -173,3 +283,6 @@ def test_laser_errors(tmp_path, tiny_model_dir):
         run_laser(load_config(data={**base, "laser": {"eval_file": str(short)}}).config)
     with pytest.raises(ForgeError, match=r"laser\.order = 'random': expected one of"):
         load_config(data={**base, "laser": {"order": "random"}})
+    with pytest.raises(ForgeError, match=r"laser\.heldout_tokens = 1: expected 0 \(no held-out .*\) or a number >= 2"):
+        load_config(data={**base, "laser": {"heldout_tokens": 1}})
+    assert load_config(data={**base, "laser": {"heldout_tokens": 2}}).config.laser.heldout_tokens == 2

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -14,6 +17,7 @@ from dolphin_forge.errors import ForgeError
 from dolphin_forge.models.freeze import apply_unfrozen_parameters
 from dolphin_forge.spectral import scan as scan_module
 from dolphin_forge.spectral.scan import scan_model, select_top
+from dolphin_forge.spectral.thresholds import gavish_donoho_threshold
 from dolphin_forge.spectral.unfrozen import merge_into_config, unfrozen_parameters, unfrozen_parameters_yaml
 from tests.spectral.reference import spectrum_reference
 from tests.tiny import build_tiny_model
@@ -91,6 +95,26 @@ def test_gavish_donoho_mode_and_layer_filter(four_layer_dir):
     assert sorted((m.layer, m.module_type) for m in scan.matrices) == [
         (1, "mlp.down_proj"), (1, "self_attn.q_proj"), (3, "mlp.down_proj"), (3, "self_attn.q_proj")
     ]
+    weights = load_file(four_layer_dir / "model.safetensors")
+    for m in scan.matrices:
+        s = np.linalg.svd(weights[m.module + ".weight"].numpy().astype(np.float64), compute_uv=False)
+        threshold = gavish_donoho_threshold(torch.from_numpy(s), *m.shape)
+        snr = s[s > threshold].sum() / (s[s <= threshold].sum() or 1.0) / s.max()
+        assert m.threshold == pytest.approx(threshold, rel=1e-6), m.module
+        assert m.snr == pytest.approx(snr, rel=1e-6), m.module
+        assert m.signal_rank == int((s > threshold).sum())
+
+
+def test_an_all_zero_matrix_scans_as_snr_zero(tmp_path, tokenizer):
+    model = build_tiny_model(tokenizer, seed=3)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.zero_()
+    folder = save(model, tmp_path / "zeroed")
+    for mode in ("marchenko_pastur", "gavish_donoho"):
+        scan = scan_model(folder, TYPES, mode=mode)
+        zeroed = [m for m in scan.matrices if m.module == "model.layers.1.mlp.up_proj"]
+        assert [(m.snr, m.sigma_max, m.signal_rank) for m in zeroed] == [(0.0, 0.0, 0)]
+        assert len(scan.matrices) == 2 * 7  # the scan went on past it
 
 
 def test_unknown_module_type_and_pickle_only_folder_are_clear_errors(four_layer_dir, tmp_path):
@@ -127,6 +151,24 @@ def test_merge_into_config_replaces_only_the_block(four_layer_dir, tmp_path):
     bare.write_text("base_model: default\n")
     merge_into_config(bare, fragment)
     assert load_config(bare).config.unfrozen_parameters == unfrozen_parameters(scan, 25)
+
+
+def test_merge_follows_a_symlink_and_keeps_the_file_mode(four_layer_dir, tmp_path):
+    fragment = unfrozen_parameters_yaml(scan_model(four_layer_dir, TYPES), 25)
+    real = tmp_path / "configs" / "train.yml"
+    real.parent.mkdir()
+    real.write_text("base_model: default\nlearning_rate: 1e-5\n")
+    real.chmod(0o644)
+    link = tmp_path / "train.yml"
+    link.symlink_to(real)
+    merge_into_config(link, fragment)
+    assert link.is_symlink() and link.resolve() == real.resolve()  # the link is still a link to the same file
+    assert yaml.safe_load(real.read_text())["unfrozen_parameters"] == yaml.safe_load(fragment)["unfrozen_parameters"]
+    assert oct(real.stat().st_mode & 0o777) == oct(0o644)  # not mkstemp's private 0600
+    assert sorted(os.listdir(real.parent)) == ["train.yml"]  # no temporary file left behind
+    real.chmod(0o664)
+    merge_into_config(real, fragment)
+    assert oct(real.stat().st_mode & 0o777) == oct(0o664)
 
 
 def test_cli_spectrum_writes_all_outputs(four_layer_dir, tmp_path):

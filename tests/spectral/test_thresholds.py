@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dolphin_forge.spectral import snr
-from dolphin_forge.spectral.snr import matrix_snr, singular_values, spectrum_snr
+from dolphin_forge.spectral.laser import low_rank
+from dolphin_forge.spectral.snr import gram, is_tall, singular_values_of_gram, snr_of_spectrum, spectrum_snr
 from dolphin_forge.spectral.thresholds import (
     gavish_donoho_omega,
     gavish_donoho_threshold,
@@ -22,12 +22,19 @@ from tests.spectral.reference import planted, spectrum_reference
 SHAPES = [(96, 160), (160, 96), (128, 128), (300, 40)]
 
 
+def singular_values(weight: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """The scan's path: Gram matrix summed over row (tall) or column (wide) blocks, then one eigensolve."""
+    tall = is_tall(tuple(weight.shape))
+    return singular_values_of_gram(gram(weight.split(block, dim=0 if tall else 1), tall))
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_reference_threshold_and_snr_match_numpy_transcription(shape, seed):
     rng = np.random.default_rng(seed)
     weight = planted(*shape, rank=5, seed=seed) * 0.02 + 0.01 * rng.standard_normal(shape)
-    snr, threshold, s = matrix_snr(torch.from_numpy(weight).float(), "marchenko_pastur")
+    s = singular_values(torch.from_numpy(weight).float())
+    snr, threshold = snr_of_spectrum(s, shape, "marchenko_pastur")
     ref_snr, ref_threshold, _ = spectrum_reference(weight.astype(np.float32))
     assert threshold == pytest.approx(ref_threshold, rel=1e-6)
     assert snr == pytest.approx(ref_snr, rel=1e-6)
@@ -40,11 +47,10 @@ def test_reference_threshold_and_snr_match_numpy_transcription(shape, seed):
 
 @pytest.mark.parametrize("shape", [(200, 70), (70, 200)])
 @pytest.mark.parametrize("block", [16, 1024])
-def test_singular_values_match_lapack(shape, block, monkeypatch):
+def test_singular_values_match_lapack(shape, block):
     """Whether the Gram matrix is built in one product or summed over 16-row (or -column) blocks."""
-    monkeypatch.setattr(snr, "GRAM_BLOCK", block)
     weight = torch.from_numpy(np.random.default_rng(3).standard_normal(shape))
-    ours = singular_values(weight)
+    ours = singular_values(weight, block)
     ref = np.linalg.svd(weight.numpy(), compute_uv=False)
     np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-9, atol=1e-9 * ref[0])
     assert torch.all(ours[:-1] >= ours[1:])  # descending
@@ -55,6 +61,15 @@ def test_noise_sum_is_one_when_nothing_is_below_threshold():
     threshold = marchenko_pastur_threshold(s, 4, 8)
     assert threshold == 0.0
     assert spectrum_snr(s, threshold) == pytest.approx(40.0 / 1.0 / 10.0)
+
+
+@pytest.mark.parametrize("mode", ["marchenko_pastur", "gavish_donoho"])
+def test_an_all_zero_matrix_has_snr_zero_and_nothing_to_truncate(mode):
+    zeros = torch.zeros(48, 80)
+    s = singular_values(zeros)
+    assert snr_of_spectrum(s, (48, 80), mode) == (0.0, 0.0)  # no ZeroDivisionError on sigma_max == 0
+    reduced, before, after = low_rank(zeros, mode)
+    assert (before, after) == (0, 0) and torch.equal(reduced, zeros)
 
 
 @pytest.mark.parametrize("shape,rank", [((400, 200), 7), ((200, 400), 3), ((250, 250), 10), ((500, 60), 4)])
