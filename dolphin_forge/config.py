@@ -352,6 +352,8 @@ class ForgeConfig(BaseModel):
             raise ValueError("warmup_steps and warmup_ratio: set one of them, not both")
         if self.adapter is None and (self.load_in_4bit or self.load_in_8bit):
             raise ValueError("load_in_4bit/load_in_8bit: quantised loading needs `adapter: qlora` or `adapter: lora`")
+        if self.adapter and self.unfrozen_parameters:
+            raise ValueError("adapter and unfrozen_parameters: LoRA trains adapters, not chosen weights; set one")
         return self
 
     # derived values ---------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ written for it:
   but not at the end (``model.layers.1.mlp`` matches ``model.layers.1.mlp.up_proj.weight``);
 * every ``.`` in a pattern is a literal dot (``model.layers.1.`` does not match ``model.layers.10.``);
 * a pattern may end in a row range, ``name[start:end]`` or ``name[index]``: only those rows (first dimension) of
-  the matched parameters train; the other rows get a zero gradient.
+  the matched parameters train; the other rows get a zero gradient. An empty range, or one past a matched
+  parameter's last row, is an error (as in Axolotl) rather than a silently frozen parameter.
 
 Row ranges also make the embedding rows of newly added special tokens trainable when the embedding matrix itself
 is frozen (`unfreeze_rows`). A zero gradient alone does not keep a row still under AdamW, whose decoupled weight
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -50,6 +51,8 @@ class UnfrozenPattern:
                 rows = (int(start), int(start) + 1) if start else None
             else:
                 rows = (int(start) if start else None, int(end) if end else None)
+                if rows[1] is not None and rows[1] <= (rows[0] or 0):
+                    raise ForgeError(f"unfrozen_parameters: {raw!r}: a row range [start:end] must end after it starts")
         try:
             regex = re.compile(base.replace(".", "\\."))
         except re.error as exc:
@@ -59,9 +62,23 @@ class UnfrozenPattern:
     def matches(self, name: str) -> bool:
         return self.regex.match(name) is not None
 
+    def check_rows(self, name: str, length: int) -> None:
+        """A range past the parameter's last row would quietly train fewer rows or none: Axolotl refuses it too."""
+        if self.rows is None:
+            return
+        start, end = self.rows
+        if (start or 0) >= length or (end is not None and end > length):
+            raise ForgeError(
+                f"unfrozen_parameters: {self.raw!r} selects rows beyond the end of {name}, which has {length} rows"
+            )
 
-def match_unfrozen(names: Iterable[str], patterns: list[str]) -> dict[str, list[RowRange | None]]:
+
+def match_unfrozen(
+    names: Iterable[str], patterns: list[str], row_counts: Mapping[str, int] | None = None
+) -> dict[str, list[RowRange | None]]:
     """Map each parameter name matched by any pattern to the row ranges it unfreezes (None = all rows).
+
+    With `row_counts` (parameter name -> first dimension), row ranges past a matched parameter's end are refused.
 
     Raises ForgeError when the list matches no name at all; patterns that match nothing by themselves are fine
     (a config written for a 40-layer model names layers a smaller model lacks) and are reported by
@@ -72,6 +89,8 @@ def match_unfrozen(names: Iterable[str], patterns: list[str]) -> dict[str, list[
     for name in names:
         for pattern in parsed:
             if pattern.matches(name):
+                if row_counts is not None:
+                    pattern.check_rows(name, row_counts[name])
                 matched.setdefault(name, []).append(pattern.rows)
     if patterns and not matched:
         shown = ", ".join(repr(p) for p in patterns[:3]) + (" ..." if len(patterns) > 3 else "")
@@ -162,7 +181,7 @@ class FreezeSummary:
 def apply_unfrozen_parameters(model: torch.nn.Module, patterns: list[str]) -> FreezeSummary:
     """Freeze every parameter of `model` except those `patterns` select (Axolotl semantics, see module doc)."""
     named = dict(model.named_parameters())
-    matched = match_unfrozen(named, patterns)
+    matched = match_unfrozen(named, patterns, {n: p.shape[0] if p.dim() else 1 for n, p in named.items()})
     partial: dict[str, PartialParameter] = {}
     for name, param in named.items():
         ranges = matched.get(name)
@@ -170,9 +189,7 @@ def apply_unfrozen_parameters(model: torch.nn.Module, patterns: list[str]) -> Fr
         if ranges is None:
             continue
         rows = _merge_rows(ranges, param.shape[0])
-        if not rows:
-            param.requires_grad_(False)
-        elif rows != [(0, param.shape[0])]:
+        if rows != [(0, param.shape[0])]:
             partial[name] = PartialParameter.create(name, param, rows)
     return summarize(model, partial, unmatched_patterns(named, patterns))
 

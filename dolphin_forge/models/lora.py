@@ -9,6 +9,7 @@ QLoRA and 8-bit loading need bitsandbytes on a CUDA GPU; elsewhere they stop wit
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ def apply_lora(model: torch.nn.Module, config: ForgeConfig, added_tokens: int = 
         targets = list(config.lora_target_modules)
     else:
         raise ForgeError("adapter: set lora_target_linear: true or list lora_target_modules")
+    check_target_modules(model, config.lora_target_modules or [])
     to_save = list(config.lora_modules_to_save or [])
     if added_tokens and not {"embed_tokens", "lm_head"} <= set(to_save):
         raise ForgeError(
@@ -92,7 +94,22 @@ def apply_lora(model: torch.nn.Module, config: ForgeConfig, added_tokens: int = 
         task_type="CAUSAL_LM",
         bias="none",
     )
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:  # e.g. a target that is a whole block, not a layer; drop the block's printout
+        reason = re.sub(r"\(\n.*\n\)", "", str(exc), flags=re.S)
+        raise ForgeError(f"lora_target_modules: peft cannot adapt {targets}: {reason}") from None
+
+
+def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
+    """peft silently skips a misspelt target as long as another one matches: catch typos by peft's own rule."""
+    names = [name for name, _ in model.named_modules()]
+    unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unknown:
+        raise ForgeError(
+            f"lora_target_modules: {', '.join(map(repr, unknown))} names no module of this model; "
+            f"its linear layers are {', '.join(linear_module_names(model))}"
+        )
 
 
 def is_adapter_folder(path: Path) -> bool:

@@ -9,8 +9,9 @@ A checkpoint is a folder ``checkpoint-<step>`` in the output folder holding:
 
 Everything is written into ``.tmp-checkpoint-<step>`` and renamed into place, so a process killed at any moment
 leaves either a complete checkpoint or a temporary folder that `latest_checkpoint` ignores (and the next save
-removes). We write our own format instead of `accelerate.save_state` because that one pickles the optimizer and RNG
-states, and loading pickles is exactly what this product promises never to do.
+removes). A checkpoint being replaced is first renamed aside, and one being pruned loses its ``state.json`` first,
+so a half-deleted folder never looks complete. We write our own format instead of `accelerate.save_state` because
+that one pickles the optimizer and RNG states, and loading pickles is exactly what this product promises never to do.
 """
 
 from __future__ import annotations
@@ -43,6 +44,20 @@ def checkpoints(output_dir: Path) -> list[Path]:
 def latest_checkpoint(output_dir: Path) -> Path | None:
     found = checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def refuse_used_output_dir(output_dir: Path) -> None:
+    """A fresh run must not share `output_dir` with an earlier run's checkpoints.
+
+    Pruning would delete the newer-numbered old ones or keep them instead of ours, and `auto` resume would later
+    pick a stale one: both silently mix two runs.
+    """
+    found = sorted(p.name for p in output_dir.iterdir() if _NAME.match(p.name)) if output_dir.is_dir() else []
+    if found:
+        raise ForgeError(
+            f"output_dir: {output_dir} already holds checkpoints of an earlier run ({', '.join(found[:3])}); "
+            "set `resume_from_checkpoint: auto` to continue that run, or choose another output_dir"
+        )
 
 
 def resolve_resume(value: str | None, output_dir: Path) -> Path | None:
@@ -124,8 +139,10 @@ def save_checkpoint(
     """Write checkpoint `step` atomically (all processes call this; each writes its own RNG file)."""
     final = output_dir / f"{PREFIX}{step}"
     tmp = output_dir / f".tmp-{PREFIX}{step}"
+    aside = output_dir / f".tmp-{PREFIX}{step}.old"
     if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in output_dir.glob(f".tmp-{PREFIX}*"):  # left by saves that were killed half way
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
     tensors, meta = _rng_state()
@@ -139,15 +156,47 @@ def save_checkpoint(
     barrier()
     if is_main:
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=float))
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():
+            final.rename(aside)
         tmp.rename(final)
-        for stale in output_dir.glob(f".tmp-{PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
         if keep is not None:
             for old in checkpoints(output_dir)[:-keep]:
+                (old / "state.json").unlink()
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def _check_same_setup(
+    folder: Path,
+    weights: dict[str, torch.Tensor],
+    params: dict[str, torch.nn.Parameter],
+    opt_meta: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """Resuming with a config that trains other parameters would fail deep inside torch: name the key instead."""
+    where = f"resume_from_checkpoint: {folder} was written with a different config"
+    trainable = {name for name, param in params.items() if param.requires_grad}
+    differ = sorted(set(weights) ^ trainable)
+    if differ:
+        raise ForgeError(
+            f"{where}: it trains another set of parameters (e.g. {', '.join(differ[:3])}); "
+            "resume with the unfrozen_parameters / adapter / tokens it was written with"
+        )
+    for name, value in weights.items():
+        if value.shape != params[name].shape:
+            raise ForgeError(
+                f"{where}: {name} has shape {tuple(value.shape)} there and {tuple(params[name].shape)} here; "
+                "resume with the tokens / special_tokens (vocabulary size) and base_model it was written with"
+            )
+    saved = [len(group["params"]) for group in opt_meta["param_groups"]]
+    current = [len(group["params"]) for group in optimizer.param_groups]
+    if saved != current:
+        raise ForgeError(
+            f"{where}: its optimizer groups hold {saved} parameters, this run's hold {current}; "
+            "resume with the unfrozen_parameters row ranges it was written with"
+        )
 
 
 def load_checkpoint(
@@ -156,18 +205,12 @@ def load_checkpoint(
     """Restore trainable weights, optimizer and this process's RNG from `folder`; returns its `state.json`."""
     weights = load_file(str(folder / "trainable.safetensors"))
     params = dict(model.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise ForgeError(
-            f"resume_from_checkpoint: {folder} holds parameters this model lacks ({', '.join(unknown[:3])}); "
-            "was it written by a different config?"
-        )
+    opt_meta = json.loads((folder / "optimizer.json").read_text())
+    _check_same_setup(folder, weights, params, opt_meta, optimizer)
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    _load_optimizer(
-        optimizer, load_file(str(folder / "optimizer.safetensors")), json.loads((folder / "optimizer.json").read_text())
-    )
+    _load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), opt_meta)
     rng = folder / f"rng-{rank}.safetensors"
     if not rng.is_file():
         rng = folder / "rng-0.safetensors"  # resumed on a different number of processes

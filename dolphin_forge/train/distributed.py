@@ -99,6 +99,8 @@ def make_accelerator(config: ForgeConfig, config_path: Path | None, mixed: str, 
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         ds = fill_deepspeed_auto(read_deepspeed_config(config, config_path), config, world, hidden_size, mixed)
+        # known gap: the model is loaded before this Accelerator exists, so ZeRO-3 cannot partition it while it
+        # loads (zero.Init); each process holds a full copy until `prepare`
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
     elif config.fsdp:
         from accelerate.utils import FullyShardedDataParallelPlugin

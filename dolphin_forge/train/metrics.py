@@ -54,7 +54,9 @@ class MetricsSink:
             self.path.write_text("".join(line + "\n" for line in kept))
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=resumed_step or None)
+        # TensorBoard hides events at steps >= purge_step; those at the checkpoint's own step are valid
+        purge = resumed_step + 1 if resumed_step else None
+        self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=purge)
         if config.wandb_project:
             self._wandb = _start_wandb(config, output_dir, self.warnings)
 

@@ -111,6 +111,8 @@ class SFTRecipe:
         check_quantization_supported(config)
         check_optimizer_supported(config)
         check_sharding_supported(config)
+        if not config.resume_from_checkpoint:
+            ckpt.refuse_used_output_dir(self.output_dir)
         set_seed(config.seed)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.mixed = mixed_precision(config, device)
@@ -136,6 +138,7 @@ class SFTRecipe:
             train_rows, val_rows = prepared.train, prepared.val
         if len(train_rows) == 0:
             raise ForgeError("datasets: preprocessing left no training rows")
+        check_early_stopping(config, val_rows)
         self.train_rows, self.val_rows = train_rows, val_rows
 
         old_vocab = model.get_input_embeddings().weight.shape[0]
@@ -285,12 +288,15 @@ class SFTRecipe:
         batches = [collate([self.train_rows[i] for i in rows], self.pad_id, self._pad_to()) for rows in self.plan.window(step)]
         counts = torch.tensor([sum(b.trained_tokens for b in batches), sum(b.real_tokens for b in batches)], device=device)
         total_trained, total_real = (int(v) for v in acc.reduce(counts, reduction="sum"))
-        scale = acc.num_processes / max(1, total_trained)
+        # DDP averages gradients over processes; `accelerator.backward` (DeepSpeed's engine, under DeepSpeed) divides
+        # the loss by gradient_accumulation_steps, but ours is already the mean over the whole window: undo both
+        scale = acc.num_processes * acc.gradient_accumulation_steps / max(1, total_trained)
         self.model.train()
         loss_sum = torch.zeros((), device=device)
         flops = 0.0
         for index, batch in enumerate(batches):
             sync = index == len(batches) - 1
+            acc.sync_gradients = sync  # as `accelerate.accumulate()` sets it: DeepSpeed steps its engine only when True
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
                 summed, head_positions = summed_token_loss(self.model, batch.to(device))
                 if self.config.gradient_checkpointing:
@@ -333,7 +339,9 @@ class SFTRecipe:
 
     def _stop_on_nan(self, step: int, state: dict[str, Any], loss: float, grad_norm: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        path = self._save_checkpoint(step, state)
+        path = self.output_dir / f"{ckpt.PREFIX}{step}"
+        if not (path / "state.json").is_file():  # an existing one holds the RNG state from before this failed step
+            path = self._save_checkpoint(step, state)
         raise ForgeError(
             f"training stopped at step {step + 1}: the loss is {loss} (gradient norm {grad_norm}), not a finite number; "
             f"the last good state is saved in {path}. Lower learning_rate, set max_grad_norm, or check the data"
@@ -472,6 +480,16 @@ class SFTRecipe:
             table.add_row(f"val_loss @ step {step}", f"{loss:.4f}")
         self.console.print(table)
         self.console.print(f"model written to {self.output_dir}")
+
+
+def check_early_stopping(config: ForgeConfig, val_rows: Any) -> None:
+    """Early stopping without validation losses during the run would never trigger: say so instead of ignoring it."""
+    if not config.early_stopping_patience:
+        return
+    if val_rows is None or len(val_rows) == 0:
+        raise ForgeError("early_stopping_patience: needs a validation split; set val_set_size > 0 or drop the key")
+    if not (config.eval_steps or config.evals_per_epoch):
+        raise ForgeError("early_stopping_patience: needs evaluations during the run; set eval_steps or evals_per_epoch")
 
 
 def train(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -55,3 +57,11 @@ def test_two_process_ddp_matches_one_process(tmp_path, tokenizer):
     assert not torch.equal(one["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
     summary = yaml.safe_load((tmp_path / "two" / "training_summary.json").read_text())
     assert summary["processes"] == 2
+    # AdamW's update hardly changes if every gradient is scaled alike; the gradient norm before clipping does
+    norms = {name: [m["grad_norm"] for m in train_metrics(tmp_path / name)] for name in runs}
+    assert len(norms["two"]) == 4 and norms["two"][0] == pytest.approx(norms["one"][0], rel=1e-5)
+
+
+def train_metrics(folder: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if m["kind"] == "train"]

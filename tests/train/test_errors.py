@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
-from dolphin_forge.config import ForgeConfig
+from dolphin_forge.config import ForgeConfig, load_config
 from dolphin_forge.errors import ForgeError
 from dolphin_forge.train import checkpoint as ckpt
 from dolphin_forge.train.distributed import fill_deepspeed_auto
@@ -45,6 +46,47 @@ def test_nan_loss_stops_with_a_last_good_checkpoint(tiny_model_dir, tmp_path):
     assert saved is not None and str(saved) in str(info.value)
     state = json.loads((saved / "state.json").read_text())
     assert all(v == v for v in state["train_losses"])  # the checkpoint holds only finite-loss steps
+
+
+def test_nan_stop_keeps_the_checkpoint_already_saved_for_that_step(tiny_model_dir, tmp_path, monkeypatch):
+    """Re-saving it would store the RNG state the failed step advanced, breaking exact resume from it."""
+    saved_steps = []
+    save = ckpt.save_checkpoint
+    monkeypatch.setattr(ckpt, "save_checkpoint",
+                        lambda out, step, **kw: saved_steps.append(step) or save(out, step, **kw))
+    config = ForgeConfig(base_model=str(tiny_model_dir), output_dir=str(tmp_path / "out"), sequence_len=64, max_steps=6,
+                         learning_rate=1e30, max_grad_norm=None, lr_scheduler="constant", save_steps=1)
+    with pytest.raises(ForgeError, match=r"training stopped at step \d+") as info:
+        train(config, train_rows=random_rows(4, 49152, seed=1))
+    failed = int(re.search(r"step (\d+)", str(info.value))[1]) - 1  # optimizer steps completed before the NaN
+    assert failed >= 1  # so the loop had already saved checkpoint-<failed>
+    assert saved_steps == list(range(1, failed + 1))
+    assert str(tmp_path / "out" / f"checkpoint-{failed}") in str(info.value)
+
+
+def test_fresh_run_refuses_an_output_dir_with_checkpoints(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoint-3" / "state.json").write_text("{}")
+    config = ForgeConfig(base_model=str(tiny_model_dir), output_dir=str(out), sequence_len=64, max_steps=2,
+                         save_steps=1)
+    named = r"output_dir: .* already holds checkpoints .*checkpoint-3.*set `resume_from_checkpoint: auto`"
+    with pytest.raises(ForgeError, match=named):
+        train(config, train_rows=random_rows(4, 49152, seed=1))
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3"]  # nothing written, nothing deleted
+
+
+def test_settings_that_would_be_silently_ignored_are_errors(tiny_model_dir, tmp_path):
+    with pytest.raises(ForgeError, match="adapter and unfrozen_parameters"):
+        load_config(data={"adapter": "lora", "lora_target_linear": True, "unfrozen_parameters": ["lm_head.weight"]})
+    rows = random_rows(4, 49152, seed=1)
+    config = ForgeConfig(base_model=str(tiny_model_dir), output_dir=str(tmp_path / "out"), sequence_len=64, max_steps=2,
+                         early_stopping_patience=2, eval_steps=1)
+    with pytest.raises(ForgeError, match="early_stopping_patience: needs a validation split; set val_set_size"):
+        train(config, train_rows=rows)  # no validation rows
+    config.eval_steps = None
+    with pytest.raises(ForgeError, match="early_stopping_patience: needs evaluations during the run"):
+        train(config, train_rows=rows, val_rows=rows[:1])  # validation rows, but evaluated only at start and end
 
 
 def test_deepspeed_auto_values_are_filled_from_the_config():

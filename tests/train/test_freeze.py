@@ -29,6 +29,8 @@ def seed_unfrozen_list(shared_data) -> list[str]:
 def test_axolotl_matching_rules():
     names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(12)] + ["model.norm.weight", "lm_head.weight"]
     assert set(match_unfrozen(names, ["model.layers.1.mlp"])) == {"model.layers.1.mlp.up_proj.weight"}  # `.` literal
+    # a trailing `.` is literal too: as a regex wildcard it would also match the `0` and `1` of layers 10 and 11
+    assert set(match_unfrozen(names, ["model.layers.1."])) == {"model.layers.1.mlp.up_proj.weight"}
     assert set(match_unfrozen(names, ["model.layers.1"])) == {f"model.layers.{i}.mlp.up_proj.weight" for i in (1, 10, 11)}
     with pytest.raises(ForgeError, match="no parameter name matches any of the 2 patterns"):
         match_unfrozen(names, ["norm", "up_proj"])  # anchored at the start: neither matches
@@ -112,3 +114,17 @@ def test_added_token_rows_get_gradients_when_embeddings_are_frozen(tokenizer, tm
         assert grad.shape[0] == new_id + 1
         assert grad[new_id].abs().sum() > 0 and grad[:new_id].abs().sum() == 0, name
         assert recipe.freeze.partial[name].rows == [(new_id, new_id + 1)]
+
+
+def test_invalid_row_ranges_are_refused(tokenizer):
+    names = ["lm_head.weight"]
+    for entry in ("lm_head.weight[5:2]", "lm_head.weight[3:3]", "lm_head.weight[:0]"):
+        with pytest.raises(ForgeError, match=re.escape(f"unfrozen_parameters: {entry!r}: a row range")):
+            match_unfrozen(names, [entry])
+    model = build_tiny_model(tokenizer)
+    rows = model.lm_head.weight.shape[0]
+    for entry in (f"lm_head.weight[0:{rows + 1}]", f"lm_head.weight[{rows}:]", f"lm_head.weight[{rows}]"):
+        with pytest.raises(ForgeError, match=re.escape(f"{entry!r} selects rows beyond the end of lm_head.weight")):
+            apply_unfrozen_parameters(model, [entry])
+    summary = apply_unfrozen_parameters(model, [f"lm_head.weight[{rows - 1}:{rows}]"])  # the last row is in range
+    assert summary.partial["lm_head.weight"].rows == [(rows - 1, rows)]

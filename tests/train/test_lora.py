@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 
 from dolphin_forge.config import ForgeConfig
+from dolphin_forge.errors import ForgeError
 from dolphin_forge.models.lora import merge_lora
 from dolphin_forge.train.sft import train
 from tests.train.rows import random_rows
@@ -38,3 +42,18 @@ def test_lora_train_then_merge(tiny_model_dir, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapter_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "targets, named",
+    [
+        (["q_proj", "v_prj"], "lora_target_modules: 'v_prj' names no module of this model; its linear layers are "),
+        (["v_prj"], "lora_target_modules: 'v_prj' names no module"),
+        (["mlp"], "lora_target_modules: peft cannot adapt ['mlp']: Target module LlamaMLP is not supported"),
+    ],
+)
+def test_lora_target_mistakes_name_the_key(tiny_model_dir, tmp_path, targets, named):
+    config = ForgeConfig(base_model=str(tiny_model_dir), output_dir=str(tmp_path / "out"), sequence_len=64, max_steps=1,
+                         adapter="lora", lora_target_modules=targets)
+    with pytest.raises(ForgeError, match=re.escape(named)):
+        train(config, train_rows=random_rows(2, 49152, seed=3))

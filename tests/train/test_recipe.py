@@ -53,6 +53,40 @@ def test_one_batch_of_8_equals_8_batches_of_1(tiny_model_dir, tmp_path):
     assert len(set(counts)) > 1
 
 
+def test_sync_flag_marks_only_the_last_micro_batch_and_accelerate_loss_scaling_is_undone(tiny_model_dir, tmp_path,
+                                                                                            monkeypatch):
+    """Under DeepSpeed the flag decides when the engine steps, and the engine divides the loss by its accumulation
+    steps (accelerate does the same elsewhere); the window-mean gradient must come out unchanged."""
+    rows = random_rows(6, 49152, seed=5)
+    _, expected = window_gradients(tiny_model_dir, tmp_path / "a", rows, micro_batch_size=2,
+                                   gradient_accumulation_steps=3)
+    recipe = SFTRecipe(tiny_config(tiny_model_dir, tmp_path / "b", micro_batch_size=2, gradient_accumulation_steps=3))
+    recipe.setup(rows, None)
+    acc = recipe.accelerator
+    flags = []
+    backward = acc.backward
+    monkeypatch.setattr(acc, "backward", lambda loss, **kw: flags.append(acc.sync_gradients) or backward(loss, **kw))
+    monkeypatch.setitem(acc.gradient_state.plugin_kwargs, "num_steps", 3)  # what accelerate copies from DeepSpeed
+    assert acc.gradient_accumulation_steps == 3
+    recipe.accumulate_gradients(0)
+    assert flags == [False, False, True]
+    grads = {n: p.grad for n, p in recipe.model.named_parameters() if p.grad is not None}
+    assert grads.keys() == expected.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_config_and_batch_plan_agree_on_steps_per_epoch():
+    """`validate` / `preprocess` report the config's count; training runs the plan's."""
+    from dolphin_forge.train.batches import BatchPlan
+
+    for rows, micro, accumulation, world in [(100, 3, 4, 1), (100, 3, 4, 8), (1, 4, 2, 2), (37, 1, 1, 3), (8, 2, 8, 1)]:
+        config = ForgeConfig(micro_batch_size=micro, gradient_accumulation_steps=accumulation)
+        plan = BatchPlan(num_rows=rows, micro_batch_size=micro, accumulation_steps=accumulation, world_size=world,
+                         rank=0, seed=0)
+        assert config.steps_per_epoch(rows, world) == plan.steps_per_epoch
+
+
 def test_gradient_checkpointing_gives_the_same_gradients_on_packed_rows(tiny_model_dir, tmp_path):
     """The seed configs train with `gradient_checkpointing`; recomputation must not change the packed-row maths."""
     rows = random_rows(4, 49152, seed=7, per_row=3)  # several samples per row: position ids restart inside rows

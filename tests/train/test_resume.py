@@ -15,12 +15,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dolphin_forge.config import load_config
+from dolphin_forge.config import ForgeConfig, load_config
 from dolphin_forge.errors import ForgeError
 from dolphin_forge.train import checkpoint as ckpt
-from dolphin_forge.train.sft import train
+from dolphin_forge.train.sft import SFTRecipe, train
 from tests.tiny import build_tiny_model
-from tests.train.rows import write_chat_jsonl
+from tests.train.rows import random_rows, write_chat_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,7 +59,7 @@ def final_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_sigkill_then_resume_gives_the_same_weights(run_config, tmp_path):
+def test_sigkill_then_resume_gives_the_same_weights(run_config, tmp_path, monkeypatch):
     reference = load_config(run_config, {"output_dir": str(tmp_path / "ref")}).config
     expected = train(reference, run_config)
     assert expected.steps >= 12
@@ -76,9 +76,14 @@ def test_sigkill_then_resume_gives_the_same_weights(run_config, tmp_path):
     killed_at = ckpt.latest_checkpoint(out)
     assert killed_at is not None
 
+    ran = []  # the optimizer steps the resumed process itself takes: a fresh restart would give the same weights
+    step_once = SFTRecipe._optimizer_step
+    monkeypatch.setattr(SFTRecipe, "_optimizer_step",
+                        lambda self, step, state: ran.append(step) or step_once(self, step, state))
     resumed = load_config(run_config, {"output_dir": str(out), "resume_from_checkpoint": "auto"}).config
     result = train(resumed, run_config)
     assert result.steps == expected.steps
+    assert ran == list(range(int(killed_at.name.removeprefix("checkpoint-")), expected.steps))
     want, got = final_weights(tmp_path / "ref"), final_weights(out)
     assert want.keys() == got.keys()
     for name in want:
@@ -98,3 +103,79 @@ def test_auto_resume_ignores_half_written_checkpoints(tmp_path):
     assert ckpt.resolve_resume("auto", tmp_path / "nothing-here") is None
     with pytest.raises(ForgeError, match="not a complete checkpoint"):
         ckpt.resolve_resume(str(tmp_path / "checkpoint-6"), tmp_path)
+
+
+class Killed(Exception):
+    """Stands for SIGKILL arriving while a folder is being deleted."""
+
+
+def killed_while_deleting(path, ignore_errors=False):
+    """`shutil.rmtree` that dies after removing one file of the folder (the weights), as a kill can."""
+    if Path(path).exists():
+        (Path(path) / "trainable.safetensors").unlink(missing_ok=True)
+        raise Killed(path)
+
+
+def save(out: Path, step: int, value: float, keep: int | None = None) -> Path:
+    weight = torch.nn.Parameter(torch.full((2, 2), value))
+    optimizer = torch.optim.AdamW([weight])
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    return ckpt.save_checkpoint(out, step, trainable={"w": weight}, optimizer=optimizer, state={"value": value},
+                                rank=0, is_main=True, barrier=lambda: None, keep=keep)
+
+
+def assert_complete(out: Path) -> None:
+    for folder in ckpt.checkpoints(out):
+        files = {p.name for p in folder.iterdir()}
+        assert {"trainable.safetensors", "optimizer.safetensors", "rng-0.safetensors"} <= files, folder
+
+
+def test_replacing_a_checkpoint_never_leaves_a_broken_one(tmp_path, monkeypatch):
+    save(tmp_path, 2, 1.0)
+    save(tmp_path, 2, 2.0)  # the same step again: the new one replaces the old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    assert load_file(str(tmp_path / "checkpoint-2" / "trainable.safetensors"))["w"][0, 0] != 1.0
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(Killed):
+        save(tmp_path, 2, 3.0)  # killed while the old checkpoint-2 is being deleted
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert json.loads((tmp_path / "checkpoint-2" / "state.json").read_text())["value"] == 3.0
+    assert_complete(tmp_path)
+
+
+def test_pruning_removes_the_validity_marker_first(tmp_path, monkeypatch):
+    save(tmp_path, 1, 1.0, keep=1)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(Killed):
+        save(tmp_path, 2, 2.0, keep=1)  # killed while checkpoint-1 is being pruned
+    assert (tmp_path / "checkpoint-1").is_dir()  # half deleted ...
+    assert ckpt.checkpoints(tmp_path) == [tmp_path / "checkpoint-2"]  # ... and not taken for a checkpoint
+    assert_complete(tmp_path)
+
+
+def small_run(model_dir: Path, out: Path, **overrides) -> ForgeConfig:
+    return ForgeConfig(base_model=str(model_dir), output_dir=str(out), sequence_len=64, max_steps=2, save_steps=1,
+                       **overrides)
+
+
+@pytest.mark.parametrize(
+    "first, then, named",
+    [
+        ({"unfrozen_parameters": ["model.layers.1.mlp.down_proj"]}, {"unfrozen_parameters": ["model.layers.1.mlp"]},
+         "it trains another set of parameters .* resume with the unfrozen_parameters"),
+        ({"unfrozen_parameters": ["lm_head.weight"]}, {"unfrozen_parameters": ["lm_head.weight[0:100]"]},
+         "its optimizer groups hold .* unfrozen_parameters row ranges"),
+        ({}, {"tokens": ["<|new_token|>"]},
+         r"\S+ has shape \(49152, 64\) there and \(49153, 64\) here; resume with the tokens"),
+    ],
+)
+def test_resume_with_a_changed_config_names_the_key(tiny_model_dir, tmp_path, first, then, named):
+    rows = random_rows(4, 49152, seed=1)
+    out = tmp_path / "out"
+    train(small_run(tiny_model_dir, out, **first), train_rows=rows)
+    assert ckpt.latest_checkpoint(out) == out / "checkpoint-1"
+    changed = small_run(tiny_model_dir, out, resume_from_checkpoint="auto", **then)
+    with pytest.raises(ForgeError,
+                       match=f"resume_from_checkpoint: .*checkpoint-1 was written with a different config: {named}"):
+        train(changed, train_rows=rows)
