@@ -99,8 +99,9 @@ def bench_harness(model, tokenizer, args: argparse.Namespace) -> None:
         same = all(direct["results"][k] == ours.results["results"][k] for k in direct["results"])
         ours_s = ours.seconds[request.name]
         print(
-            f"harness {request.name} (limit {args.limit}): bridge {ours_s:.1f} s, lm_eval direct {direct_s:.1f} s, "
-            f"ratio {direct_s / ours_s:.2f}x, identical results: {same}"
+            f"harness {request.name} (limit {args.limit}): bridge {ours_s:.1f} s (model already in memory), "
+            f"lm_eval direct {direct_s:.1f} s (loads the model itself), ratio {direct_s / ours_s:.2f}x, "
+            f"identical results: {same}"
         )
 
 

@@ -185,6 +185,8 @@ def eval_command(
     model: Optional[list[str]] = typer.Option(None, "--model", help="Model folder (repeat to compare models)"),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated harness tasks or suites"),
     limit: Optional[float] = typer.Option(None, "--limit", help="Examples per task (< 1: a fraction)"),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Shots for every task (default: suite's)"),
+    max_gen_toks: Optional[int] = typer.Option(None, "--max-gen-toks", help="Cap on generated tokens per answer"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local eval data (../shared/data/eval)"),
     chat: Optional[bool] = typer.Option(None, "--apply-chat-template/--no-chat-template", help="Prompt in ChatML"),
     batch_size: Optional[str] = typer.Option(None, "--batch-size", help="A number, or auto"),
@@ -203,6 +205,8 @@ def eval_command(
         models=model,
         tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
         limit=limit,
+        num_fewshot=num_fewshot,
+        max_gen_toks=max_gen_toks,
         data_dir=str(data_dir) if data_dir else None,
         apply_chat_template=chat,
         batch_size=batch_size if batch_size in (None, "auto") else _int_option("--batch-size", batch_size),
@@ -211,6 +215,26 @@ def eval_command(
         output_dir=str(output) if output else None,
     )
     _, written = run_eval(loaded.config, loaded.path, settings=settings, compare=compare or [], notify=console.print)
+    out.print(written["report"].read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
+    for kind, path in written.items():
+        console.print(f"{kind}: {path}")
+
+
+@app.command("eval-combine")
+def eval_combine(
+    results: list[Path] = typer.Argument(..., help="results.json files (or their folders) of one model, disjoint tasks"),
+    output: Path = typer.Option(..., "--output", help="Folder for the joined results.json and report.md"),
+) -> None:
+    """Join evaluations of one model run piece by piece (e.g. MMLU one subject per command), group scores added."""
+    from dolphin_forge.evaluate.combine import combine_evaluations
+    from dolphin_forge.evaluate.report import load_results, write_results
+
+    pieces, sources = [], []
+    for path in results:
+        for evaluation in load_results(path):
+            pieces.append(evaluation)
+            sources.append(str(path))
+    written = write_results([combine_evaluations(pieces, sources)], output)
     out.print(written["report"].read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
     for kind, path in written.items():
         console.print(f"{kind}: {path}")

@@ -199,6 +199,7 @@ class LaserConfig(BaseModel):
     max_attempts: int | None = Field(default=None, gt=0)
     time_budget_minutes: float | None = Field(default=None, gt=0)
     output_dir: str | None = None  # default: <output_dir>/laser
+
     @field_validator("heldout_tokens")
     @classmethod
     def _heldout_scorable(cls, value: int) -> int:
@@ -206,7 +207,6 @@ class LaserConfig(BaseModel):
         if value == 1:
             raise ValueError("expected 0 (no held-out measurement) or a number >= 2")
         return value
-
 
 
 class EvalConfig(BaseModel):
@@ -219,6 +219,8 @@ class EvalConfig(BaseModel):
     data_dir: str | None = None  # local copies of the eval datasets (../shared/data/eval)
     hub: bool = False  # the dataset hub is reachable: run tasks that have no local copy from it
     limit: float | None = Field(default=None, gt=0)  # examples per task (< 1: a fraction)
+    num_fewshot: int | None = Field(default=None, ge=0)  # shots for every task; default: the suite's or the task's
+    max_gen_toks: int | None = Field(default=None, gt=0)  # cap on generated tokens (generative tasks)
     batch_size: int | Literal["auto"] = "auto"
     apply_chat_template: bool = False
     perplexity_files: list[str] = Field(default_factory=list)  # plain text files
@@ -226,6 +228,21 @@ class EvalConfig(BaseModel):
     stride: int | None = Field(default=None, gt=0)  # default: max_length // 2
     max_tokens: int | None = Field(default=None, gt=1)  # score only the first tokens of each file
     output_dir: str | None = None  # default: <output_dir>/eval
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("expected a whole number >= 1, or auto")
+        return value
+
+    @field_validator("stride")
+    @classmethod
+    def _stride_fits_window(cls, value: int | None, info: ValidationInfo) -> int | None:
+        window = info.data.get("max_length")
+        if value is not None and window is not None and value > window:
+            raise ValueError(f"expected at most max_length ({window})")
+        return value
 
 
 # --- the whole config -------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ LOCAL_TASKS: dict[str, str] = {
     "winogrande": "winogrande_local",
     "gsm8k": "gsm8k_local",
     "ifeval": "ifeval_local",
+    "leaderboard_ifeval": "ifeval_local",  # the same task under the v2 leaderboard's name (another hub copy)
 }
 
 #: One MMLU subject, named as the harness names it (`mmlu_anatomy`); the local subject tasks live in `tasks/mmlu/`.
@@ -103,12 +104,18 @@ class HarnessRun:
 
 
 def resolve_tasks(
-    names: Sequence[str], data_dir: Path | None, hub: bool = False
+    names: Sequence[str], data_dir: Path | None, hub: bool = False, num_fewshot: int | None = None
 ) -> tuple[list[TaskRequest], list[str]]:
-    """Expand suites and choose local copies; returns the runs and one note per task skipped for lack of data."""
+    """Expand suites and choose local copies; returns the runs and one note per task skipped for lack of data.
+
+    Shots: `num_fewshot` when given, else the suite's, else the task's own (as in the harness: a local copy has the
+    same default as the harness task it stands for, so `arc_challenge` alone is 0-shot wherever its data comes from).
+    """
     wanted: list[tuple[str, int | None]] = []
     for name in names:
-        wanted.extend(SUITES.get(name, ((name, None),)))
+        wanted.extend(
+            (task, shots if num_fewshot is None else num_fewshot) for task, shots in SUITES.get(name, ((name, None),))
+        )
     requests, skipped, seen = [], [], set()
     for name, shots in wanted:
         if name in seen:
@@ -175,18 +182,19 @@ def run_harness(
     limit: int | float | None = None,
     apply_chat_template: bool = False,
     gen_kwargs: dict[str, Any] | None = None,
+    on_task: Callable[[TaskRequest, HarnessRun], None] | None = None,
 ) -> HarnessRun:
     """Run each request with `simple_evaluate` on the harness model `lm` and merge the results.
 
-    `gen_kwargs` overrides generation settings of generative tasks (e.g. `{"max_gen_toks": 256}`).
+    `gen_kwargs` overrides generation settings of generative tasks (e.g. `{"max_gen_toks": 256}`). `on_task` sees
+    the merged run after each task (to save partial results: a long suite keeps every finished task).
     """
     from lm_eval import simple_evaluate
 
     _quiet_harness()
     # Our task files all carry "_local" in their names; anything else is one of the harness' own tasks.
     manager = task_manager(data_dir, with_harness_tasks=any("_local" not in r.harness_task for r in requests))
-    merged: dict[str, Any] = {}
-    seconds: dict[str, float] = {}
+    run = HarnessRun(results={}, seconds={})
     for request in requests:
         start = time.perf_counter()
         try:
@@ -203,9 +211,11 @@ def run_harness(
             )
         except (FileNotFoundError, ConnectionError) as exc:
             raise ForgeError(f"{request.name}: cannot load its data: {str(exc).splitlines()[0]}") from None
-        seconds[request.name] = time.perf_counter() - start
-        merge_results(merged, out)
-    return HarnessRun(results=merged, seconds=seconds)
+        run.seconds[request.name] = time.perf_counter() - start
+        merge_results(run.results, out)
+        if on_task is not None:
+            on_task(request, run)
+    return run
 
 
 #: The parts of a `simple_evaluate` result that tables and comparisons need; everything else is run metadata.

@@ -10,9 +10,11 @@ float32 logits for the whole batch at once. Here each window's negative log-like
 row at a time, so batching and window size change nothing but speed.
 
 Sliding window: a text of N tokens is cut into windows of at most `max_length` tokens whose starts are `stride`
-apart. Each token is scored exactly once, in the first window that contains it after the previous window's end, so
-it sees up to `max_length - stride` tokens of context (more at the start of a window that begins the text). The
-first token of the text has no context and is never scored: a text of N tokens contributes N - 1 scored tokens.
+apart. With `stride < max_length` each token is scored exactly once, in the first window that contains it after the
+previous window's end, so it sees at least `max_length - stride` tokens of context. The first token of the text has
+no context and is never scored: a text of N tokens contributes N - 1 scored tokens. `stride == max_length` is the
+chunked perplexity of the GPTQ and laserRMT literature (what `laser` scores): windows do not overlap, and the first
+token of every window is left unscored, so N tokens contribute N - ceil(N / max_length) scored tokens.
 
 Packed rows: a prepared row may hold several samples, with `position_ids` restarting at 0 at each. We pass those
 position ids and no attention mask; transformers then builds a block-diagonal causal mask (or variable-length

@@ -30,6 +30,12 @@ HEADLINE_METRICS: dict[str, tuple[str, str]] = {
     "winogrande": ("acc", "none"),
     "gsm8k": ("exact_match", "strict-match"),
     "ifeval": ("prompt_level_strict_acc", "none"),
+    "leaderboard_bbh": ("acc_norm", "none"),
+    "leaderboard_gpqa": ("acc_norm", "none"),
+    "leaderboard_ifeval": ("prompt_level_strict_acc", "none"),
+    "leaderboard_math_hard": ("exact_match", "none"),
+    "leaderboard_mmlu_pro": ("acc", "none"),
+    "leaderboard_musr": ("acc_norm", "none"),
 }
 
 RESULTS_FILE = "results.json"

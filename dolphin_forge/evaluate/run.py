@@ -8,6 +8,7 @@ results.json files can be added so the comparison table shows, for example, a mo
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,14 @@ from dolphin_forge.config import EvalConfig, ForgeConfig, resolve_path
 from dolphin_forge.errors import ForgeError
 from dolphin_forge.evaluate.harness import (
     CPU_AUTO_BATCH_SIZE,
+    HarnessRun,
+    TaskRequest,
     harness_model,
     merge_results,
     resolve_tasks,
     run_harness,
 )
-from dolphin_forge.evaluate.perplexity import default_max_length, perplexity_of_ids, tokenize_text
+from dolphin_forge.evaluate.perplexity import default_max_length, perplexity, use_bf16_autocast
 from dolphin_forge.evaluate.report import ModelEvaluation, load_results, write_results
 
 Notify = Callable[[str], None]
@@ -72,6 +75,31 @@ def limit_value(limit: float | None) -> int | float | None:
     return int(limit) if limit >= 1 else limit
 
 
+@dataclass(frozen=True)
+class EvalPlan:
+    """What `settings` ask for, checked before any model is loaded (a typo should not cost a 7B load first)."""
+
+    data_dir: Path | None
+    requests: list[TaskRequest]
+    skipped: list[str]
+    files: list[Path]
+
+
+def plan_evaluation(settings: EvalConfig, config_path: Path | None = None) -> EvalPlan:
+    """Resolve tasks, suites, the data folder and the perplexity files; one-line errors for anything missing."""
+    data_dir = resolve_path(settings.data_dir, config_path) if settings.data_dir else None
+    if data_dir is not None and not data_dir.is_dir():
+        raise ForgeError(f"eval.data_dir: {data_dir} is not a folder")
+    requests, skipped = resolve_tasks(settings.tasks, data_dir, settings.hub, settings.num_fewshot)
+    files = [resolve_path(f, config_path) for f in settings.perplexity_files]
+    for file in files:
+        if not file.is_file():
+            raise ForgeError(f"eval.perplexity_files: {file} is not a file")
+    if not requests and not files:
+        raise ForgeError("eval: nothing to evaluate; set eval.tasks (or --tasks) and/or eval.perplexity_files")
+    return EvalPlan(data_dir, requests, skipped, files)
+
+
 def evaluate_model(
     model: Any,
     tokenizer: Any,
@@ -88,65 +116,65 @@ def evaluate_model(
     Usable on an in-memory model (e.g. right after training) as well as on one loaded from a folder.
     `on_progress` receives the evaluation so far after each file and task (to save partial results).
     """
-    data_dir = resolve_path(settings.data_dir, config_path) if settings.data_dir else None
-    if data_dir is not None and not data_dir.is_dir():
-        raise ForgeError(f"eval.data_dir: {data_dir} is not a folder")
-    requests, skipped = resolve_tasks(settings.tasks, data_dir, settings.hub)
-    files = [resolve_path(f, config_path) for f in settings.perplexity_files]
-    for file in files:
-        if not file.is_file():
-            raise ForgeError(f"eval.perplexity_files: {file} is not a file")
-    if not requests and not files:
-        raise ForgeError("eval: nothing to evaluate; set eval.tasks (or --tasks) and/or eval.perplexity_files")
+    plan = plan_evaluation(settings, config_path)
     say = notify or (lambda _message: None)
-    for note in skipped:
+    for note in plan.skipped:
         say(f"[yellow]warning:[/] {note}")
 
-    evaluation = ModelEvaluation(name=name, path=path, settings=_recorded(settings, data_dir))
-    for file in files:
+    evaluation = ModelEvaluation(name=name, path=path, settings=_recorded(settings, plan.data_dir))
+    for file in plan.files:
         evaluation.perplexity[file.name] = _perplexity_of_file(model, tokenizer, file, settings)
         say(f"{name}: perplexity of {file.name} = {evaluation.perplexity[file.name]['perplexity']:.4f}")
         if on_progress is not None:
             on_progress(evaluation)
-    if requests:
-        if any(r.harness_task == "ifeval_local" for r in requests):
+    if plan.requests:
+        if any(r.harness_task == "ifeval_local" for r in plan.requests):
             from dolphin_forge.evaluate.punkt import ensure_punkt
 
-            note = ensure_punkt(data_dir)
+            note = ensure_punkt(plan.data_dir)
             if note:
                 say(f"[yellow]note:[/] {note}")
-        lm = harness_model(model, tokenizer, batch_size=settings.batch_size)
-        for request in requests:
-            run = run_harness(
-                lm,
-                [request],
-                data_dir=data_dir,
-                limit=limit_value(settings.limit),
-                apply_chat_template=settings.apply_chat_template,
-            )
+
+        def task_done(request: TaskRequest, run: HarnessRun) -> None:
             merge_results(evaluation.harness, run.results)
-            evaluation.seconds.update(run.seconds)
+            evaluation.seconds[request.name] = run.seconds[request.name]
             evaluation.task_names[request.name] = request.harness_task
             say(f"{name}: {request.name} done in {run.seconds[request.name]:.1f} s")
             if on_progress is not None:
                 on_progress(evaluation)
+
+        run_harness(
+            harness_model(model, tokenizer, batch_size=settings.batch_size),
+            plan.requests,
+            data_dir=plan.data_dir,
+            limit=limit_value(settings.limit),
+            apply_chat_template=settings.apply_chat_template,
+            gen_kwargs={"max_gen_toks": settings.max_gen_toks} if settings.max_gen_toks else None,
+            on_task=task_done,
+        )
     return evaluation
 
 
 def _perplexity_of_file(model: Any, tokenizer: Any, file: Path, settings: EvalConfig) -> dict[str, float | int]:
     start = time.perf_counter()
     text = file.read_text(encoding="utf-8", errors="replace")
-    ids = tokenize_text(tokenizer, text, max_tokens=settings.max_tokens)
     max_length = settings.max_length or default_max_length(model)
     stride = settings.stride or max_length // 2
     batch_size = settings.batch_size if isinstance(settings.batch_size, int) else CPU_AUTO_BATCH_SIZE
-    result = perplexity_of_ids(model, ids, max_length=max_length, stride=stride, batch_size=batch_size)
+    try:
+        result = perplexity(
+            model, tokenizer, text, max_length=max_length, stride=stride, batch_size=batch_size,
+            max_tokens=settings.max_tokens,
+        )
+    except ForgeError as exc:
+        raise ForgeError(f"eval.perplexity_files: {file}: {exc}") from None
     return {
         "perplexity": result.perplexity,
         "nll": result.nll,
         "tokens": result.tokens,
         "max_length": max_length,
         "stride": stride,
+        "dtype": "bfloat16 (autocast)" if use_bf16_autocast(model) else str(next(model.parameters()).dtype)[6:],
         "seconds": time.perf_counter() - start,
     }
 
@@ -157,7 +185,9 @@ def _recorded(settings: EvalConfig, data_dir: Path | None) -> dict[str, Any]:
         "batch_size": settings.batch_size,
         "apply_chat_template": settings.apply_chat_template,
         "data_dir": str(data_dir) if data_dir else None,
-        "dtype": str(inference_dtype()),
+        "num_fewshot": settings.num_fewshot,
+        "max_gen_toks": settings.max_gen_toks,
+        "dtype": str(inference_dtype()),  # of the weights; perplexity entries record their compute dtype
     }
 
 
@@ -171,6 +201,7 @@ def run_eval(
 ) -> tuple[list[ModelEvaluation], dict[str, Path]]:
     """Evaluate every model of the settings (default: `base_model`), add earlier results, write the report."""
     settings = settings or config.eval
+    plan_evaluation(settings, config_path)  # fail on a typo before loading any weights
     earlier = [e for path in compare for e in load_results(resolve_path(str(path), config_path))]
     out = resolve_path(settings.output_dir or str(Path(config.output_dir) / "eval"), config_path)
     evaluations: list[ModelEvaluation] = []

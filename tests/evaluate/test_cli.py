@@ -23,7 +23,7 @@ def test_eval_command_writes_results_and_tables(tmp_path, tiny_model_dir, tokeni
     result = CliRunner().invoke(
         app,
         ["eval", str(config), "--tasks", "winogrande", "--limit", "2", "--data-dir", str(shared_data / "eval"),
-         "--perplexity", str(text), "--batch-size", "2"],
+         "--perplexity", str(text), "--batch-size", "2", "--num-fewshot", "2"],
     )
     assert result.exit_code == 0, result.output
     folder = tmp_path / "out" / "eval"
@@ -36,6 +36,7 @@ def test_eval_command_writes_results_and_tables(tmp_path, tiny_model_dir, tokeni
     assert payload["perplexity"]["text.txt"]["tokens"] == expected.tokens
     assert payload["harness"]["results"]["winogrande_local"]["alias"] == "winogrande"
     assert payload["harness"]["n-samples"]["winogrande_local"]["effective"] == 2
+    assert payload["harness"]["n-shot"]["winogrande_local"] == 2 and payload["settings"]["num_fewshot"] == 2
     report = (folder / "report.md").read_text()
     tables = harness_tables(ModelEvaluation(**payload))
     assert tables.splitlines()[0].replace(" ", "") == "|Tasks|Version|Filter|n-shot|Metric||Value||Stderr|"
@@ -50,6 +51,32 @@ def test_command_line_values_are_validated_like_the_config(tmp_path):
     assert settings.limit == 2 and settings.tasks == ["mmlu"]
     with pytest.raises(ForgeError, match=r"eval.limit = -1"):
         eval_settings(config, limit=-1)
+
+
+def test_batch_size_and_stride_are_checked_with_their_keys():
+    config = load_config(data={"eval": {"max_length": 64}}).config
+    with pytest.raises(ForgeError, match=r"eval.batch_size = 0: .*whole number >= 1, or auto"):
+        eval_settings(config, batch_size=0)
+    with pytest.raises(ForgeError, match=r"eval.stride = 65: .*at most max_length \(64\)"):
+        eval_settings(config, stride=65)
+
+
+def test_a_typo_is_reported_before_any_model_is_loaded(tmp_path):
+    config = tmp_path / "eval.yml"
+    config.write_text(f"base_model: {tmp_path / 'no-such-model'}\noutput_dir: {tmp_path}\n")
+    result = CliRunner().invoke(app, ["eval", str(config), "--tasks", "winogrand", "--data-dir", str(tmp_path)])
+    assert isinstance(result.exception, ForgeError)
+    assert "'winogrand' has no local copy" in str(result.exception)
+
+
+def test_too_short_perplexity_file_names_the_file(tmp_path, tiny_model_dir):
+    text = tmp_path / "short.txt"
+    text.write_text("", encoding="utf-8")
+    config = tmp_path / "eval.yml"
+    config.write_text(f"base_model: {tiny_model_dir}\noutput_dir: {tmp_path}\n")
+    result = CliRunner().invoke(app, ["eval", str(config), "--perplexity", str(text)])
+    assert isinstance(result.exception, ForgeError)
+    assert str(result.exception).startswith(f"eval.perplexity_files: {text}: perplexity needs at least 2 tokens")
 
 
 def test_nothing_to_evaluate_is_a_clear_error(tmp_path, tiny_model_dir):

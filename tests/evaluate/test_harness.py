@@ -7,12 +7,15 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from dolphin_forge.errors import ForgeError
 from dolphin_forge.evaluate.harness import (
+    CPU_AUTO_BATCH_SIZE,
     LOCAL_TASKS,
     TaskRequest,
     harness_model,
+    resolve_batch_size,
     resolve_tasks,
     run_harness,
     task_manager,
@@ -30,6 +33,24 @@ def test_leaderboard_v1_suite_uses_local_copies_with_v1_shots_and_skips_hellaswa
         ("gsm8k", "gsm8k_local", 5),
     ]
     assert len(skipped) == 1 and skipped[0].startswith("hellaswag: no local copy")
+
+
+def test_leaderboard_v2_offline_runs_ifeval_from_the_local_copy_and_skips_the_rest(tmp_path):
+    requests, skipped = resolve_tasks(["leaderboard-v2"], tmp_path)
+    assert [(r.name, r.harness_task, r.num_fewshot) for r in requests] == [("leaderboard_ifeval", "ifeval_local", None)]
+    assert len(skipped) == 5 and all("no local copy" in note for note in skipped)
+
+
+def test_num_fewshot_overrides_suite_and_task_shots(tmp_path):
+    requests, _ = resolve_tasks(["arc_challenge"], tmp_path)
+    assert requests[0].num_fewshot is None  # the task's own default, as the harness' arc_challenge (0-shot)
+    requests, _ = resolve_tasks(["leaderboard-v1", "arc_easy"], tmp_path, num_fewshot=3)
+    assert {r.num_fewshot for r in requests} == {3}
+
+
+def test_auto_batch_size_is_a_fixed_size_on_cpu():
+    assert resolve_batch_size("auto", torch.device("cpu")) == CPU_AUTO_BATCH_SIZE == 4
+    assert resolve_batch_size(16, torch.device("cpu")) == 16
 
 
 def test_hub_tasks_run_from_the_hub_when_allowed(tmp_path):
@@ -97,13 +118,14 @@ def test_winogrande_partial_scoring_fields():
 SHORT = {"max_gen_toks": 12}
 
 
-def _direct(folder: Path, eval_dir: Path, task: str, limit: int, chat: bool = False) -> dict:
+def _direct(folder: Path, eval_dir: Path, task: str, limit: int, shots: int | None = None, chat: bool = False) -> dict:
     from lm_eval import simple_evaluate
 
     out = simple_evaluate(
         model="hf",
         model_args={"pretrained": str(folder), "dtype": "float32", "device": "cpu"},
         tasks=[task],
+        num_fewshot=shots,
         limit=limit,
         batch_size=2,
         task_manager=task_manager(eval_dir, with_harness_tasks=False),
@@ -127,20 +149,20 @@ def test_bridge_equals_simple_evaluate_run_directly(tiny_model_dir, shared_data)
     model = load_model(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     lm = harness_model(model, tokenizer, batch_size=2)
-    cases = [
-        ("arc_challenge", "arc_challenge_local", 2),
-        ("truthfulqa_mc2", "truthfulqa_mc2_local", 2),
-        ("winogrande", "winogrande_local", 3),
-        ("gsm8k", "gsm8k_local", 1),
-        ("ifeval", "ifeval_local", 1),
-        ("mmlu_anatomy", "mmlu_local_anatomy", 2),
+    cases = [  # (name, our task, limit, shots: the v1 leaderboard's, fewer for ARC to keep the test short)
+        ("arc_challenge", "arc_challenge_local", 2, 3),
+        ("truthfulqa_mc2", "truthfulqa_mc2_local", 2, 0),
+        ("winogrande", "winogrande_local", 3, 5),
+        ("gsm8k", "gsm8k_local", 1, 5),
+        ("ifeval", "ifeval_local", 1, None),
+        ("mmlu_anatomy", "mmlu_local_anatomy", 2, 5),
     ]
-    for name, harness_task, limit in cases:
-        run = run_harness(lm, [TaskRequest(name, harness_task, None)], data_dir=eval_dir, limit=limit, gen_kwargs=SHORT)
+    for name, harness_task, limit, shots in cases:
+        run = run_harness(lm, [TaskRequest(name, harness_task, shots)], data_dir=eval_dir, limit=limit, gen_kwargs=SHORT)
         ours = run.results["results"][harness_task]
-        assert ours == _direct(tiny_model_dir, eval_dir, harness_task, limit)[harness_task], name
+        assert ours == _direct(tiny_model_dir, eval_dir, harness_task, limit, shots)[harness_task], name
         assert run.seconds[name] > 0
-    assert run.results["n-shot"]["mmlu_local_anatomy"] == 5
+        assert run.results["n-shot"][harness_task] == (shots or 0), name
 
     chat = run_harness(lm, [TaskRequest("winogrande", "winogrande_local", None)], data_dir=eval_dir, limit=2,
                        apply_chat_template=True)

@@ -89,6 +89,15 @@ def test_sliding_window_matches_hand_computation_and_ignores_batch_size(model):
     assert one.tokens == many.tokens == 49
 
 
+def test_stride_equal_to_window_is_chunked_perplexity(model):
+    """Non-overlapping windows (laser's scoring): every window's first token goes unscored, the rest see their window."""
+    ids = torch.arange(3, 23)  # 20 tokens, windows [0, 8), [8, 16), [16, 20)
+    result = perplexity_of_ids(model, ids, max_length=8, stride=8, batch_size=2)
+    assert result.tokens == 20 - math.ceil(20 / 8)
+    expected = [_token_nll(model, ids[begin : i + 1]) for begin in (0, 8, 16) for i in range(begin + 1, min(begin + 8, 20))]
+    assert result.nll == pytest.approx(sum(expected) / len(expected), rel=1e-6)
+
+
 def test_window_covering_the_text_equals_one_forward_pass(model, tokenizer):
     text = "The quick brown fox jumps over the lazy dog. " * 4
     ids = tokenize_text(tokenizer, text)

@@ -1,0 +1,154 @@
+"""Join the results of one model measured piece by piece into one evaluation, group scores included.
+
+On a CPU, MMLU at `--limit 200` takes hours. Run one subject per command (`--tasks mmlu_anatomy`) and every finished
+subject survives an interruption; joining the pieces gives what one `--tasks mmlu` run would have written. Each
+subtask's numbers do not depend on what else ran in the same call, so only the group rows are missing from the
+pieces: they are recomputed here with the harness' own aggregation (`aggregate_subtask_metrics`, size-weighted
+where the group says so, and `pooled_sample_stderr`) and its rules for a group's shots and higher-is-better, once
+every subtask of a group is present. A test holds a joined result against a grouped run, table for table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dolphin_forge.errors import ForgeError
+from dolphin_forge.evaluate.harness import TASKS_DIR, merge_results
+from dolphin_forge.evaluate.report import ModelEvaluation
+
+#: Settings that must agree for pieces to be one evaluation (the model is checked by its path).
+SAME_SETTINGS = ("limit", "apply_chat_template", "data_dir", "dtype", "max_gen_toks")
+
+
+@dataclass(frozen=True)
+class TaskGroup:
+    """A harness group from one of our task files: its subtasks and how their metrics are aggregated."""
+
+    name: str
+    alias: str | None
+    subtasks: tuple[str, ...]
+    metrics: tuple[tuple[str, bool], ...]  # (metric, weight_by_size)
+    version: str
+
+
+class _TaskFileLoader(yaml.SafeLoader):
+    """Reads task files without importing anything: a `!function` tag stays the text naming the function."""
+
+
+_TaskFileLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def local_groups(tasks_dir: Path = TASKS_DIR) -> list[TaskGroup]:
+    """The groups defined by the task files in `tasks_dir` (ours: `mmlu_local`)."""
+    groups = []
+    for path in sorted(tasks_dir.glob("*.yaml")):
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskFileLoader)  # noqa: S506 (a SafeLoader)
+        if not isinstance(config, dict) or "group" not in config:
+            continue
+        metrics = tuple((m["metric"], bool(m.get("weight_by_size", True))) for m in config.get("aggregate_metric_list", []))
+        version = str((config.get("metadata") or {}).get("version", "N/A"))  # the harness reports it as text
+        groups.append(TaskGroup(config["group"], config.get("group_alias"), tuple(config["task"]), metrics, version))
+    return groups
+
+
+def _group_metrics(group: TaskGroup, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from lm_eval.api.metrics import aggregate_subtask_metrics, pooled_sample_stderr, unweighted_mean_stderr
+
+    subtasks = [results[name] for name in group.subtasks]
+    entry: dict[str, Any] = {
+        "alias": group.alias or group.name,
+        "name": group.name,
+        "sample_len": sum(r.get("sample_len", 0) for r in subtasks),
+    }
+    counts: dict[str, int] = {}
+    for metric, weight_by_size in group.metrics:
+        filters = sorted({k.split(",", 1)[1] for r in subtasks for k in r if k.startswith(f"{metric},")})
+        for filter_name in filters:
+            key, stderr_key = f"{metric},{filter_name}", f"{metric}_stderr,{filter_name}"
+            having = [r for r in subtasks if key in r]
+            sizes = [r.get("sample_len", 0) for r in having]
+            entry[key] = aggregate_subtask_metrics([r[key] for r in having], sizes, weight_by_size)
+            counts[key] = sum(sizes)
+            stderrs = [r.get(stderr_key) for r in having]
+            if any(s is None or s == "N/A" for s in stderrs):
+                entry[stderr_key] = "N/A"
+            elif weight_by_size:
+                entry[stderr_key] = pooled_sample_stderr(stderrs, sizes)
+            else:
+                entry[stderr_key] = unweighted_mean_stderr(stderrs)
+    if counts:
+        entry["sample_count"] = counts
+    return entry
+
+
+def add_group_scores(harness: dict[str, Any], groups: list[TaskGroup]) -> list[TaskGroup]:
+    """Add the rows of every group whose subtasks are all in `harness` and that is not there yet; returns them."""
+    results = harness.get("results", {})
+    added = []
+    for group in groups:
+        if group.name in results or not all(name in results for name in group.subtasks):
+            continue
+        entry = _group_metrics(group, results)
+        results[group.name] = entry
+        if group.metrics:
+            harness.setdefault("groups", {})[group.name] = dict(entry)
+        subtask_lists = harness.setdefault("group_subtasks", {})
+        for name in group.subtasks:
+            subtask_lists.pop(name, None)  # a task run alone is listed as its own (empty) group
+        subtask_lists[group.name] = list(group.subtasks)
+        harness.setdefault("versions", {})[group.name] = group.version
+        shots = {harness.get("n-shot", {}).get(name) for name in group.subtasks} - {None}
+        if len(shots) == 1:
+            harness.setdefault("n-shot", {})[group.name] = shots.pop()
+        better: dict[str, bool | None] = {}
+        for name in group.subtasks:
+            for metric, higher in harness.get("higher_is_better", {}).get(name, {}).items():
+                better[metric] = higher if better.get(metric, higher) == higher else None
+        if better:
+            harness.setdefault("higher_is_better", {})[group.name] = better
+        for section in ("versions", "n-shot", "higher_is_better"):
+            harness[section] = dict(sorted(harness[section].items()))
+        added.append(group)
+    return added
+
+
+def combine_evaluations(evaluations: list[ModelEvaluation], sources: list[str] | None = None) -> ModelEvaluation:
+    """One evaluation from pieces of the same model and settings (disjoint tasks), with group scores added.
+
+    `sources` names each piece in errors (e.g. its results.json path).
+    """
+    if not evaluations:
+        raise ForgeError("eval-combine: no results to combine")
+    sources = sources or [e.name for e in evaluations]
+    first = evaluations[0]
+    # harness settings (limit, chat template, ...) must agree among the pieces that ran harness tasks
+    tasked = [(e, src) for e, src in zip(evaluations, sources) if e.harness.get("results")]
+    reference, reference_source = tasked[0] if tasked else (first, sources[0])
+    combined = ModelEvaluation(name=first.name, path=first.path, settings=dict(reference.settings))
+    owner: dict[str, str] = {}
+    for evaluation, source in zip(evaluations, sources):
+        if evaluation.path != first.path:
+            raise ForgeError(f"{source}: model {evaluation.path}, but {sources[0]} has {first.path}; combine one model")
+        for key in SAME_SETTINGS if evaluation.harness.get("results") else ():
+            if evaluation.settings.get(key) != reference.settings.get(key):
+                raise ForgeError(
+                    f"{source}: {key} = {evaluation.settings.get(key)!r}, but {reference_source} has "
+                    f"{reference.settings.get(key)!r}; pieces must share their settings"
+                )
+        for task in [*evaluation.harness.get("results", {}), *evaluation.perplexity]:
+            if task in owner:
+                raise ForgeError(f"{source}: {task} is also in {owner[task]}; each task may come from one piece only")
+            owner[task] = source
+        combined.perplexity.update(evaluation.perplexity)
+        merge_results(combined.harness, evaluation.harness)
+        combined.task_names.update(evaluation.task_names)
+        combined.seconds.update(evaluation.seconds)
+    for group in add_group_scores(combined.harness, local_groups()):
+        # the comparison table shows the group (`mmlu`), not its subjects
+        combined.task_names = {k: v for k, v in combined.task_names.items() if v not in group.subtasks}
+        combined.task_names[group.alias or group.name] = group.name
+    return combined
