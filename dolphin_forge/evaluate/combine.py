@@ -26,11 +26,12 @@ SAME_SETTINGS = ("limit", "apply_chat_template", "data_dir", "dtype", "max_gen_t
 
 @dataclass(frozen=True)
 class TaskGroup:
-    """A harness group from one of our task files: its subtasks and how their metrics are aggregated."""
+    """A harness group from one of our task files: its children (tasks or groups), leaf tasks and aggregation."""
 
     name: str
     alias: str | None
-    subtasks: tuple[str, ...]
+    children: tuple[str, ...]
+    leaves: tuple[str, ...]  # every task below it, through nested groups (what the harness aggregates over)
     metrics: tuple[tuple[str, bool], ...]  # (metric, weight_by_size)
     version: str
 
@@ -43,22 +44,45 @@ _TaskFileLoader.add_constructor("!function", lambda loader, node: loader.constru
 
 
 def local_groups(tasks_dir: Path = TASKS_DIR) -> list[TaskGroup]:
-    """The groups defined by the task files in `tasks_dir` (ours: `mmlu_local`)."""
-    groups = []
-    for path in sorted(tasks_dir.glob("*.yaml")):
+    """The groups defined by the task files under `tasks_dir` (ours: `mmlu_local` and its four categories).
+
+    Children are resolved as the harness resolves them: a group's `task` entry names a task, a group, or a tag that
+    task files carry. Inner groups come before the groups that contain them.
+    """
+    configs = []
+    for path in sorted(tasks_dir.rglob("*.yaml")):
         config = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskFileLoader)  # noqa: S506 (a SafeLoader)
-        if not isinstance(config, dict) or "group" not in config:
-            continue
+        if isinstance(config, dict):
+            configs.append(config)
+    tagged: dict[str, list[str]] = {}
+    for config in configs:
+        if "task" in config and "group" not in config:
+            for tag in [config["tag"]] if isinstance(config.get("tag"), str) else config.get("tag", []):
+                tagged.setdefault(tag, []).append(config["task"])
+    specs = {c["group"]: c for c in configs if "group" in c}
+
+    def children(name: str) -> list[str]:
+        return [task for entry in specs[name]["task"] for task in tagged.get(entry, [entry])]
+
+    def leaves(name: str) -> list[str]:
+        return [leaf for child in children(name) for leaf in (leaves(child) if child in specs else [child])]
+
+    def depth(name: str) -> int:
+        return 1 + max((depth(child) for child in children(name) if child in specs), default=0)
+
+    groups = []
+    for name in sorted(specs, key=depth):
+        config = specs[name]
         metrics = tuple((m["metric"], bool(m.get("weight_by_size", True))) for m in config.get("aggregate_metric_list", []))
         version = str((config.get("metadata") or {}).get("version", "N/A"))  # the harness reports it as text
-        groups.append(TaskGroup(config["group"], config.get("group_alias"), tuple(config["task"]), metrics, version))
+        groups.append(TaskGroup(name, config.get("group_alias"), tuple(children(name)), tuple(leaves(name)), metrics, version))
     return groups
 
 
 def _group_metrics(group: TaskGroup, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     from lm_eval.api.metrics import aggregate_subtask_metrics, pooled_sample_stderr, unweighted_mean_stderr
 
-    subtasks = [results[name] for name in group.subtasks]
+    subtasks = [results[name] for name in group.leaves]
     entry: dict[str, Any] = {
         "alias": group.alias or group.name,
         "name": group.name,
@@ -86,33 +110,41 @@ def _group_metrics(group: TaskGroup, results: dict[str, dict[str, Any]]) -> dict
 
 
 def add_group_scores(harness: dict[str, Any], groups: list[TaskGroup]) -> list[TaskGroup]:
-    """Add the rows of every group whose subtasks are all in `harness` and that is not there yet; returns them."""
+    """Add the rows of every group whose leaf tasks are all in `harness` and that is not there yet; returns them.
+
+    `groups` must list inner groups first (as `local_groups` does): shots and higher-is-better pass up from children.
+    """
     results = harness.get("results", {})
     added = []
     for group in groups:
-        if group.name in results or not all(name in results for name in group.subtasks):
+        if group.name in results or not all(name in results for name in group.leaves):
             continue
         entry = _group_metrics(group, results)
         results[group.name] = entry
         if group.metrics:
             harness.setdefault("groups", {})[group.name] = dict(entry)
         subtask_lists = harness.setdefault("group_subtasks", {})
-        for name in group.subtasks:
-            subtask_lists.pop(name, None)  # a task run alone is listed as its own (empty) group
-        subtask_lists[group.name] = list(group.subtasks)
+        for name in group.children:
+            if name in group.leaves:
+                subtask_lists.pop(name, None)  # a task run alone is listed as its own (empty) group
+        subtask_lists[group.name] = list(group.children)
         harness.setdefault("versions", {})[group.name] = group.version
-        shots = {harness.get("n-shot", {}).get(name) for name in group.subtasks} - {None}
+        added.append(group)
+    # The harness passes shots and higher-is-better up outer group first, so an outer group does not see what its
+    # inner groups get (its `mmlu` row has no n-shot): done in that order to give the same dicts.
+    for group in reversed(added):
+        shots = {harness.get("n-shot", {}).get(name) for name in group.children} - {None}
         if len(shots) == 1:
             harness.setdefault("n-shot", {})[group.name] = shots.pop()
         better: dict[str, bool | None] = {}
-        for name in group.subtasks:
+        for name in group.children:
             for metric, higher in harness.get("higher_is_better", {}).get(name, {}).items():
                 better[metric] = higher if better.get(metric, higher) == higher else None
         if better:
             harness.setdefault("higher_is_better", {})[group.name] = better
-        for section in ("versions", "n-shot", "higher_is_better"):
+    for section in ("versions", "n-shot", "higher_is_better"):
+        if section in harness:
             harness[section] = dict(sorted(harness[section].items()))
-        added.append(group)
     return added
 
 
@@ -147,8 +179,11 @@ def combine_evaluations(evaluations: list[ModelEvaluation], sources: list[str] |
         merge_results(combined.harness, evaluation.harness)
         combined.task_names.update(evaluation.task_names)
         combined.seconds.update(evaluation.seconds)
-    for group in add_group_scores(combined.harness, local_groups()):
-        # the comparison table shows the group (`mmlu`), not its subjects
-        combined.task_names = {k: v for k, v in combined.task_names.items() if v not in group.subtasks}
-        combined.task_names[group.alias or group.name] = group.name
+    added = add_group_scores(combined.harness, local_groups())
+    inner = {child for group in added for child in group.children}
+    for group in added:
+        # the comparison table shows the outermost group (`mmlu`), not its categories and subjects
+        combined.task_names = {k: v for k, v in combined.task_names.items() if v not in group.leaves}
+        if group.name not in inner:
+            combined.task_names[group.alias or group.name] = group.name
     return combined

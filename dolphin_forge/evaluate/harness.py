@@ -50,12 +50,16 @@ MMLU_SUBJECTS: tuple[str, ...] = tuple(
 )
 
 
+#: MMLU's categories as the harness groups them (`mmlu_stem`, ...); `tasks/mmlu_local_<category>.yaml`.
+MMLU_CATEGORIES: tuple[str, ...] = ("stem", "other", "social_sciences", "humanities")
+
+
 def local_task(name: str) -> str | None:
-    """Our local task for a name a user writes (`mmlu`, `mmlu_anatomy`, `gsm8k`, ...), or None if there is none."""
+    """Our local task for a name a user writes (`mmlu`, `mmlu_stem`, `mmlu_anatomy`, `gsm8k`, ...), or None."""
     if name in LOCAL_TASKS:
         return LOCAL_TASKS[name]
-    subject = name.removeprefix("mmlu_")
-    return f"mmlu_local_{subject}" if name.startswith("mmlu_") and subject in MMLU_SUBJECTS else None
+    part = name.removeprefix("mmlu_")
+    return f"mmlu_local_{part}" if name.startswith("mmlu_") and part in (*MMLU_SUBJECTS, *MMLU_CATEGORIES) else None
 
 
 #: Named suites: (task, shots); None keeps the task's own shot count.

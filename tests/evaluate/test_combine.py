@@ -31,10 +31,14 @@ def test_subjects_run_one_by_one_and_joined_equal_one_grouped_run(tmp_path, tiny
 
     from dolphin_forge.models.load import load_model
 
-    (tmp_path / "trio.yaml").write_text(
-        "group: mmlu_trio\ngroup_alias: trio\ntask:\n" + "".join(f"  - {t}\n" for t in SUBJECTS)
-        + "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\nmetadata:\n  version: 3\n"
-    )
+    def group(name: str, tasks: list[str]) -> str:
+        return (f"group: {name}\ngroup_alias: {name.removeprefix('trio_')}\ntask:\n" + "".join(f"  - {t}\n" for t in tasks)
+                + "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\nmetadata:\n  version: 3\n")
+
+    # nested like the harness' mmlu: a group of two category groups of subjects
+    (tmp_path / "trio.yaml").write_text(group("mmlu_trio", ["trio_stem", "trio_other"]))
+    (tmp_path / "trio_stem.yaml").write_text(group("trio_stem", list(SUBJECTS[:1])))
+    (tmp_path / "trio_other.yaml").write_text(group("trio_other", list(SUBJECTS[1:])))
     manager = TaskManager(include_path=[str(TASKS_DIR), str(tmp_path)], include_defaults=False,
                           metadata={"data_dir": str(shared_data / "eval")})
     lm = harness_model(load_model(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir), batch_size=2)
@@ -45,11 +49,30 @@ def test_subjects_run_one_by_one_and_joined_equal_one_grouped_run(tmp_path, tiny
         merge_results(joined, _evaluate(lm, [subject], manager))
     assert "mmlu_trio" not in joined["results"]
     added = add_group_scores(joined, local_groups(tmp_path))
-    assert [g.name for g in added] == ["mmlu_trio"]
+    assert [g.name for g in added] == ["trio_other", "trio_stem", "mmlu_trio"]
     for section in ("results", "groups", "group_subtasks", "versions", "n-shot", "higher_is_better", "n-samples"):
         assert joined[section] == grouped[section], section
     table = harness_tables(ModelEvaluation(name="m", harness=joined))
     assert table == harness_tables(ModelEvaluation(name="m", harness=grouped)) and "trio" in table
+
+
+def test_local_mmlu_groups_are_the_harness_categories():
+    import lm_eval
+    import yaml
+
+    harness_dir = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default"
+    groups = {g.name: g for g in local_groups()}
+    assert groups["mmlu_local"].children == (
+        "mmlu_local_stem", "mmlu_local_other", "mmlu_local_social_sciences", "mmlu_local_humanities",
+    )
+    assert sorted(groups["mmlu_local"].leaves) == [f"mmlu_local_{s}" for s in MMLU_SUBJECTS]
+    for category in ("stem", "other", "social_sciences", "humanities"):
+        theirs = {
+            path.stem.removeprefix("mmlu_")
+            for path in harness_dir.glob("mmlu_*.yaml")
+            if yaml.safe_load(path.read_text())["tag"] == f"mmlu_{category}_tasks"
+        }
+        assert {t.removeprefix("mmlu_local_") for t in groups[f"mmlu_local_{category}"].leaves} == theirs, category
 
 
 def _piece(folder: Path, subjects: list[str], limit: int = 200, acc: float = 0.25) -> Path:
@@ -78,7 +101,10 @@ def test_eval_combine_command_reports_mmlu_as_one_row(tmp_path):
     accs = [0.2] * half + [0.3] * (len(MMLU_SUBJECTS) - half)
     expected = sum(s * a for s, a in zip(sizes, accs)) / sum(sizes)
     assert model["harness"]["groups"]["mmlu_local"]["acc,none"] == pytest.approx(expected, rel=1e-12)
-    assert model["task_names"] == {"mmlu": "mmlu_local"} and model["harness"]["n-shot"]["mmlu_local"] == 5
+    assert model["task_names"] == {"mmlu": "mmlu_local"}
+    assert {g: model["harness"]["n-shot"].get(g) for g in ("mmlu_local", "mmlu_local_stem")} == {
+        "mmlu_local": None, "mmlu_local_stem": 5,  # as the harness: shots reach the categories, not the top row
+    }
     assert f"|mmlu|{100 * expected:.2f}|" in (tmp_path / "all" / "report.md").read_text()
 
 

@@ -61,10 +61,11 @@ def test_hub_tasks_run_from_the_hub_when_allowed(tmp_path):
 
 
 def test_single_mmlu_subjects_run_locally_under_the_harness_names(tmp_path):
-    requests, _ = resolve_tasks(["mmlu_anatomy", "mmlu_high_school_us_history"], tmp_path)
+    requests, _ = resolve_tasks(["mmlu_anatomy", "mmlu_high_school_us_history", "mmlu_social_sciences"], tmp_path)
     assert [(r.name, r.harness_task) for r in requests] == [
         ("mmlu_anatomy", "mmlu_local_anatomy"),
         ("mmlu_high_school_us_history", "mmlu_local_high_school_us_history"),
+        ("mmlu_social_sciences", "mmlu_local_social_sciences"),
     ]
     with pytest.raises(ForgeError, match="'mmlu_anatomyy' has no local copy"):
         resolve_tasks(["mmlu_anatomyy"], tmp_path)
@@ -174,3 +175,5 @@ def test_every_local_task_file_loads(shared_data):
     manager = task_manager(shared_data / "eval", with_harness_tasks=False)
     loaded = manager.load([t for t in LOCAL_TASKS.values() if t != "mmlu_local"] + ["mmlu_local_virology"])
     assert set(loaded["tasks"]) >= {t for t in LOCAL_TASKS.values() if t != "mmlu_local"}
+    category = manager.load(["mmlu_local_social_sciences"])
+    assert len(category["tasks"]) == 12 and "mmlu_local_econometrics" in category["tasks"]
