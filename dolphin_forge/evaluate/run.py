@@ -23,7 +23,6 @@ from dolphin_forge.evaluate.harness import (
     HarnessRun,
     TaskRequest,
     harness_model,
-    merge_results,
     resolve_tasks,
     run_harness,
 )
@@ -136,7 +135,7 @@ def evaluate_model(
                 say(f"[yellow]note:[/] {note}")
 
         def task_done(request: TaskRequest, run: HarnessRun) -> None:
-            merge_results(evaluation.harness, run.results)
+            evaluation.harness = run.results  # every task so far, merged
             evaluation.seconds[request.name] = run.seconds[request.name]
             evaluation.task_names[request.name] = request.harness_task
             say(f"{name}: {request.name} done in {run.seconds[request.name]:.1f} s")
