@@ -95,7 +95,7 @@ def preprocess(
     if debug:
         from dolphin_forge.models.load import load_tokenizer
 
-        print_debug_examples(prepared, load_tokenizer(loaded.config), debug, out)
+        print_debug_examples(prepared, load_tokenizer(loaded.config, loaded.path), debug, out)
 
 
 @app.command(context_settings=STAGE)
@@ -222,7 +222,7 @@ def eval_command(
 
 @app.command("eval-combine")
 def eval_combine(
-    results: list[Path] = typer.Argument(..., help="results.json files (or their folders) of one model, disjoint tasks"),
+    results: list[Path] = typer.Argument(..., help="results.json files (or folders) of one model, disjoint tasks"),
     output: Path = typer.Option(..., "--output", help="Folder for the joined results.json and report.md"),
 ) -> None:
     """Join evaluations of one model run piece by piece (e.g. MMLU one subject per command), group scores added."""

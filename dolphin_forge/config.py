@@ -24,6 +24,8 @@ from dolphin_forge.errors import ForgeError
 
 DatasetType = Literal["sharegpt", "chat_template", "alpaca", "openai", "messages"]
 TrainOnEos = Literal["turn", "last", "all", "none"]
+#: What a dataset's `roles:` may map names onto: the ChatML roles, and tool_call (read as an assistant tool call).
+ROLE_TARGETS = ("system", "user", "assistant", "tool", "tool_call")
 
 
 class DatasetConfig(BaseModel):
@@ -34,8 +36,8 @@ class DatasetConfig(BaseModel):
     path: str
     type: DatasetType = "sharegpt"
     conversation: str | None = "chatml"
-    ds_type: Literal["json", "jsonl", "parquet", "arrow"] | None = None
-    data_files: str | list[str] | None = None
+    ds_type: Literal["json", "jsonl", "parquet", "arrow"] | None = None  # Axolotl's; the format is read from the file
+    data_files: str | list[str] | None = None  # files inside the folder `path`
     split: str | None = None
     name: str | None = None
     field_messages: str | None = None
@@ -61,6 +63,15 @@ class DatasetConfig(BaseModel):
             raise ValueError("expected 'chatml' or 'tokenizer_default' (this product renders ChatML)")
         return value
 
+    @field_validator("roles")
+    @classmethod
+    def _role_targets(cls, value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        """Caught here: a typo like `asistant` would otherwise surface as a KeyError in the middle of preprocess."""
+        unknown = [role for role in value or {} if role not in ROLE_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown role {unknown[0]!r}: expected one of {', '.join(ROLE_TARGETS)}")
+        return value
+
 
 class SpecialTokens(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -81,6 +92,13 @@ class CurateSource(DatasetConfig):
     weight: float = Field(default=1.0, gt=0)
     max_rows: int | None = Field(default=None, gt=0)
     system_prompts: str | None = None
+
+    @field_validator("data_files")
+    @classmethod
+    def _path_names_the_file(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is not None:
+            raise ValueError("not supported in curate sources: point `path` at the file or folder")
+        return value
 
 
 class CurateCleanConfig(BaseModel):
@@ -376,7 +394,14 @@ class ForgeConfig(BaseModel):
     # derived values ---------------------------------------------------------------------------------------------
 
     def unknown_keys(self) -> list[str]:
-        return sorted(self.model_extra or {})
+        """Keys nothing reads: top-level ones, then those inside `datasets` and `curate.sources` entries."""
+        nested = [
+            f"{prefix}.{index}.{key}"
+            for prefix, entries in (("datasets", self.datasets), ("curate.sources", self.curate.sources))
+            for index, entry in enumerate(entries)
+            for key in entry.model_extra or {}
+        ]
+        return sorted(self.model_extra or {}) + nested
 
     def missing_paths(self, config_path: Path | None) -> list[str]:
         """Files the config names that are not there (checked by `validate`; the stages fail on them later)."""
@@ -384,8 +409,15 @@ class ForgeConfig(BaseModel):
         if self.base_model != "default" and not resolve_path(self.base_model, config_path).exists():
             problems.append(f"base_model {self.base_model!r} is not a local folder (no hub here; try `default`)")
         for index, dataset in enumerate(self.datasets):
-            if not resolve_path(dataset.path, config_path).exists():
+            folder = resolve_path(dataset.path, config_path)
+            if not folder.exists():
                 problems.append(f"datasets.{index}.path {dataset.path!r} does not exist")
+            names = [dataset.data_files] if isinstance(dataset.data_files, str) else dataset.data_files or []
+            problems += [
+                f"datasets.{index}.data_files {name!r} is not a file in {dataset.path!r}"
+                for name in names
+                if folder.exists() and not (folder / name).is_file()
+            ]
         if self.deepspeed and not resolve_path(self.deepspeed, config_path).exists():
             problems.append(f"deepspeed {self.deepspeed!r} does not exist")
         return problems
@@ -439,22 +471,28 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, str]) -> dict[str
     for key, raw in overrides.items():
         path, value = parse_override(key, raw)
         target: Any = data
-        for i, part in enumerate(path[:-1]):
-            nxt = path[i + 1]
-            if isinstance(part, int):
-                if not isinstance(target, list) or part >= len(target):
-                    raise ForgeError(f"override {key}: index {part} is out of range")
-                target = target[part]
+        for i, part in enumerate(path):
+            _check_step(target, path, i, key)
+            if i == len(path) - 1:
+                target[part] = value
             else:
-                if target.get(part) is None:
-                    target[part] = [] if isinstance(nxt, int) else {}
+                if isinstance(part, str) and target.get(part) is None:
+                    target[part] = [] if isinstance(path[i + 1], int) else {}
                 target = target[part]
-        last = path[-1]
-        if isinstance(last, int):
-            if not isinstance(target, list) or last >= len(target):
-                raise ForgeError(f"override {key}: index {last} is out of range")
-        target[last] = value
     return data
+
+
+def _check_step(target: Any, path: list[str | int], i: int, key: str) -> None:
+    """An override may only name keys of mappings and existing indices of lists, e.g. ``datasets.0.path``."""
+    part, where = path[i], ".".join(str(p) for p in path[:i])
+    if isinstance(part, int) and isinstance(target, list):
+        if part >= len(target):
+            raise ForgeError(f"override {key}: index {part} is out of range")
+    elif isinstance(part, int) or not isinstance(target, dict):
+        what = "a list" if isinstance(target, list) else "a mapping" if isinstance(target, dict) else repr(target)
+        step = f"index {part}" if isinstance(part, int) else f"key {part!r}"
+        hint = f" (name an entry by its index, e.g. {where}.0.{part})" if isinstance(target, list) else ""
+        raise ForgeError(f"override {key}: {where} is {what}, so it has no {step}{hint}")
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -145,3 +145,45 @@ def test_missing_file_and_bad_yaml_are_one_line(tmp_path):
     path.write_text("a: 1\nb: [1, 2\n")
     with pytest.raises(ForgeError, match=rf"{re.escape(str(path))}:\d+: not valid YAML"):
         load_config(path)
+
+
+def test_unknown_keys_inside_dataset_and_curate_source_entries_are_named():
+    data = {"bogus": 1, "datasets": [{"path": "a.jsonl"}, {"path": "b.jsonl", "tpye": "alpaca"}],
+            "curate": {"sources": [{"path": "c.jsonl", "wieght": 2}]}}
+    assert load_config(data=data).warnings == [
+        "unknown keys ignored: bogus, datasets.1.tpye, curate.sources.0.wieght"]
+    with pytest.raises(ForgeError, match=r"unknown keys \(strict mode\): datasets\.0\.feild_messages$"):
+        load_config(data={"datasets": [{"path": "a.jsonl", "feild_messages": "x"}]}, strict=True)
+
+
+def test_roles_must_map_onto_chatml_roles():
+    config = load_config(data={"datasets": [{"path": "a", "roles": {"assistant": ["bot"], "tool_call": ["call"]}}]})
+    assert config.config.datasets[0].roles == {"assistant": ["bot"], "tool_call": ["call"]}
+    with pytest.raises(ForgeError) as info:
+        load_config(data={"datasets": [{"path": "a", "roles": {"asistant": ["bot"]}}]})
+    assert str(info.value) == ("<config>: datasets.0.roles = {'asistant': ['bot']}: unknown role 'asistant': "
+                               "expected one of system, user, assistant, tool, tool_call")
+
+
+@pytest.mark.parametrize(("data", "override", "message"), [
+    ({"datasets": [{"path": "a"}]}, "datasets.path",
+     "override datasets.path: datasets is a list, so it has no key 'path' (name an entry by its index, e.g. "
+     "datasets.0.path)"),
+    ({"learning_rate": 1e-5}, "learning-rate.x",
+     "override learning-rate.x: learning_rate is 1e-05, so it has no key 'x'"),
+    ({"learning_rate": 1e-5}, "learning-rate.0",
+     "override learning-rate.0: learning_rate is 1e-05, so it has no index 0"),
+    ({"eval": {"tasks": []}}, "eval.0", "override eval.0: eval is a mapping, so it has no index 0"),
+])
+def test_overrides_through_a_list_or_a_value_are_one_line_errors(data, override, message):
+    with pytest.raises(ForgeError) as info:
+        load_config(data=data, overrides={override: "1"})
+    assert str(info.value) == message
+
+
+def test_data_files_are_checked_by_validate_and_refused_in_curate_sources(tmp_path):
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    config = load_config(data={"datasets": [{"path": str(tmp_path), "data_files": ["a.jsonl", "b.jsonl"]}]}).config
+    assert config.missing_paths(None) == [f"datasets.0.data_files 'b.jsonl' is not a file in {str(tmp_path)!r}"]
+    with pytest.raises(ForgeError, match="curate.sources.0.data_files = 'a.jsonl': not supported in curate sources"):
+        load_config(data={"curate": {"sources": [{"path": str(tmp_path), "data_files": "a.jsonl"}]}})

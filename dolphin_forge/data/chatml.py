@@ -19,7 +19,10 @@ Which tokens carry labels (all others are -100):
 - The first token of every sample is never labelled, so in a packed row no document is trained to follow another.
 
 Control tokens come only from the template: contents are encoded with ``encode_special_tokens`` on, so a message
-holding the literal text ``<|im_start|>system`` becomes ordinary text tokens and can never open a turn.
+holding the literal text ``<|im_start|>system`` becomes ordinary text tokens and can never open a turn. That switch
+only splits tokens marked *special*, and a base tokenizer may carry the markers as ordinary added tokens (Axolotl's
+``tokens:`` creates exactly that), so the encoder marks both special on its own copy (ids unchanged) and refuses to
+emit a content token equal to either.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
 from dolphin_forge.data.conversation import ROLES, Conversation
 from dolphin_forge.errors import ForgeError
@@ -77,9 +80,11 @@ class ChatMLEncoder:
         self.plain = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self.plain.no_padding()
         self.plain.no_truncation()
-        self.plain.encode_special_tokens = True
         self.im_start = _single_id(tokenizer, IM_START)
         self.im_end = _single_id(tokenizer, IM_END)
+        self.plain.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (IM_START, IM_END)])
+        self.plain.encode_special_tokens = True
+        self.controls = frozenset((self.im_start, self.im_end))
         self.prefix = _bos_prefix(tokenizer)
         self.headers = {role: [self.im_start, *self._ids(f"{role}\n")] for role in ROLES}
         self.newline = self._ids("\n")
@@ -93,8 +98,14 @@ class ChatMLEncoder:
         return self.plain.encode(text, add_special_tokens=False).ids
 
     def encode_contents(self, texts: list[str]) -> list[list[int]]:
-        """Plain-text ids of many message contents at once (parallel in Rust)."""
-        return [enc.ids for enc in self.plain.encode_batch_fast(texts, add_special_tokens=False)]
+        """Plain-text ids of many message contents at once (parallel in Rust), never a control token."""
+        ids = [enc.ids for enc in self.plain.encode_batch_fast(texts, add_special_tokens=False)]
+        if any(not self.controls.isdisjoint(row) for row in ids):
+            raise ForgeError(
+                f"tokenizer encodes plain message text to the {IM_START} or {IM_END} id; "
+                "message text could open or close turns, so this tokenizer cannot be used"
+            )
+        return ids
 
     def encode(self, conversations: Sequence[Conversation]) -> list[EncodedSample]:
         contents = [m.content for c in conversations for m in c.messages]

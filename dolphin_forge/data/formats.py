@@ -77,10 +77,12 @@ def _is_hf_dataset_dir(path: Path) -> bool:
     ).is_file()
 
 
-def list_data_files(path: Path) -> list[Path]:
-    """A file, or every data file below a folder (sorted, so the order is reproducible)."""
+def list_data_files(path: Path, data_files: str | list[str] | None = None) -> list[Path]:
+    """A file, every data file below a folder (sorted, so the order is reproducible), or the folder's `data_files`."""
     if not path.exists():
         raise ForgeError(f"datasets: path {path} does not exist")
+    if data_files is not None:
+        return _named_files(path, data_files)
     if path.is_file():
         return [path]
     if _is_hf_dataset_dir(path):
@@ -91,6 +93,17 @@ def list_data_files(path: Path) -> list[Path]:
     return files
 
 
+def _named_files(folder: Path, data_files: str | list[str]) -> list[Path]:
+    """Axolotl's `data_files`: files inside the dataset folder `path`, read in the order given."""
+    if not folder.is_dir():
+        raise ForgeError(f"datasets: data_files names files inside path, but path {folder} is not a folder")
+    files = [folder / name for name in ([data_files] if isinstance(data_files, str) else data_files)]
+    missing = [str(file) for file in files if not file.is_file()]
+    if missing:
+        raise ForgeError(f"datasets: data_files {', '.join(missing)} not found")
+    return files
+
+
 def _open_text(path: Path) -> Any:
     if path.name.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8", errors="replace")
@@ -98,14 +111,23 @@ def _open_text(path: Path) -> Any:
 
 
 def _looks_like_jsonl(path: Path) -> bool:
-    name = path.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz")):
+    """JSON Lines, unless the file is one JSON document: an array, or a single (pretty-printed) object."""
+    if path.name.lower().endswith((".jsonl", ".jsonl.gz")):
         return True
     with _open_text(path) as handle:
-        for char in iter(lambda: handle.read(1), ""):
-            if not char.isspace():
-                return char != "["
-    return False
+        first = next((line for line in handle if line.strip()), "")
+        if not first or first.lstrip().startswith("["):
+            return False
+        try:
+            json.loads(first)
+            return True
+        except json.JSONDecodeError:
+            handle.seek(0)
+        try:
+            json.load(handle)
+            return False
+        except json.JSONDecodeError:
+            return True  # JSON Lines with a broken first line: read on, so only that row is lost
 
 
 def _read_jsonl(path: Path) -> Iterator[Record | RowProblem]:
@@ -164,9 +186,11 @@ def _read_hf_dataset(path: Path, split: str | None) -> Iterator[Record | RowProb
         yield Record(str(path), index, item)
 
 
-def read_records(path: Path, split: str | None = None) -> Iterator[Record | RowProblem]:
+def read_records(
+    path: Path, split: str | None = None, data_files: str | list[str] | None = None
+) -> Iterator[Record | RowProblem]:
     """Every row of a file, folder or saved HF dataset, as records or problems, in a stable order."""
-    for file in list_data_files(path):
+    for file in list_data_files(path, data_files):
         name = file.name.lower()
         if file.is_dir():
             yield from _read_hf_dataset(file, split)
@@ -249,7 +273,7 @@ def _role_aliases(dataset: DatasetConfig) -> dict[str, str]:
     aliases = dict(ROLE_ALIASES)
     for target, names in (dataset.roles or {}).items():
         for name in names:
-            aliases[str(name).lower()] = ROLE_ALIASES.get(target, target)
+            aliases[str(name).lower()] = target
     return aliases
 
 

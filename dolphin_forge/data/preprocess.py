@@ -38,7 +38,7 @@ from dolphin_forge.data.formats import Record, RowProblem, list_data_files, read
 from dolphin_forge.data.packing import PackedRows, pack_sequences, packing_efficiency
 from dolphin_forge.errors import ForgeError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ChatML markers always special when encoding contents; rows_truncated counts kept rows
 CHUNK_ROWS = 4096
 POOL_MIN_BYTES = 64 << 20
 EXAMPLES_PER_REASON = 5
@@ -83,11 +83,11 @@ TOKENIZER_FILES = (
 )
 
 
-def _tokenizer_fingerprint(config: ForgeConfig) -> str:
+def _tokenizer_fingerprint(config: ForgeConfig, config_path: Path | None) -> str:
     """Hash the tokenizer's files and the config's token settings, without loading the tokenizer (slow)."""
     from dolphin_forge.models.default import resolve_model_path
 
-    folder = Path(resolve_model_path(config.tokenizer_config or config.base_model))
+    folder = Path(resolve_model_path(config.tokenizer_config or config.base_model, config_path))
     digest = hashlib.sha256()
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
@@ -101,16 +101,21 @@ def _dataset_paths(config: ForgeConfig, config_path: Path | None) -> list[Path]:
     return [resolve_path(d.path, config_path) for d in config.datasets]
 
 
+def _input_files(config: ForgeConfig, config_path: Path | None) -> list[Path]:
+    paths = _dataset_paths(config, config_path)
+    return [f for d, path in zip(config.datasets, paths, strict=True) for f in list_data_files(path, d.data_files)]
+
+
 def cache_key(config: ForgeConfig, config_path: Path | None) -> str:
     files = []
     for dataset, path in zip(config.datasets, _dataset_paths(config, config_path), strict=True):
-        for file in list_data_files(path):
+        for file in list_data_files(path, dataset.data_files):
             stat = file.stat()
             files.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns, dataset.model_dump(mode="json")])
     inputs = {
         "version": FORMAT_VERSION,
         "files": files,
-        "tokenizer": _tokenizer_fingerprint(config),
+        "tokenizer": _tokenizer_fingerprint(config, config_path),
         "sequence_len": config.sequence_len,
         "train_on_inputs": config.train_on_inputs,
         "excess_length_strategy": config.excess_length_strategy,
@@ -188,7 +193,8 @@ def _encode_chunk(
     kept, truncated = [], 0
     for conversation, sample in zip(conversations, encoder.encode(conversations), strict=True):
         where = f"{conversation.source}:{conversation.row}"
-        if len(sample.input_ids) > config.sequence_len:
+        too_long = len(sample.input_ids) > config.sequence_len
+        if too_long:
             if config.excess_length_strategy == "raise":
                 raise ForgeError(
                     f"{where}: {len(sample.input_ids)} tokens exceed sequence_len {config.sequence_len} "
@@ -199,10 +205,10 @@ def _encode_chunk(
                 continue
             sample.input_ids = sample.input_ids[: config.sequence_len]
             sample.labels = sample.labels[: config.sequence_len]
-            truncated += 1
         if sample.trainable == 0:
             problems.append(("no_trainable_tokens", f"{where}: no token of this row is trained"))
             continue
+        truncated += too_long  # only rows that are kept count as truncated
         kept.append(sample)
     lengths = np.fromiter((len(s.input_ids) for s in kept), dtype=np.int64, count=len(kept))
     total = int(lengths.sum())
@@ -233,20 +239,19 @@ def _chunks(iterable: Iterator[Record | RowProblem], size: int) -> Iterator[list
         yield chunk
 
 
-def _count_rows(paths: list[Path]) -> int | None:
+def _count_rows(files: list[Path]) -> int | None:
     """A cheap row estimate for the progress bar (JSONL line count); None when unknown."""
     total = 0
-    for path in paths:
-        for file in list_data_files(path):
-            if not file.name.endswith(".jsonl"):
-                return None
-            with file.open("rb") as handle:
-                total += sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+    for file in files:
+        if not file.name.endswith(".jsonl"):
+            return None
+        with file.open("rb") as handle:
+            total += sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
     return total
 
 
-def _input_bytes(paths: list[Path]) -> int:
-    return sum(f.stat().st_size if f.is_file() else 0 for p in paths for f in list_data_files(p))
+def _input_bytes(files: list[Path]) -> int:
+    return sum(f.stat().st_size if f.is_file() else 0 for f in files)
 
 
 def _encode_all(
@@ -255,7 +260,7 @@ def _encode_all(
     tally = _Tally()
     parts: list[_Samples] = []
     paths = _dataset_paths(config, config_path)
-    task = progress.add_task("tokenising", total=_count_rows(paths)) if progress else None
+    task = progress.add_task("tokenising", total=_count_rows(_input_files(config, config_path))) if progress else None
 
     def absorb(result: _ChunkResult, rows: int) -> None:
         tally.rows_read += rows
@@ -273,7 +278,7 @@ def _encode_all(
     )
     try:
         for index, (dataset, path) in enumerate(zip(config.datasets, paths, strict=True)):
-            records = read_records(path, dataset.split)
+            records = read_records(path, dataset.split, dataset.data_files)
             if pool is None:
                 encoder = _encoder_for(tokenizer, config, dataset)
                 for chunk in _chunks(records, CHUNK_ROWS):
@@ -358,12 +363,12 @@ def preprocess(
     if tokenizer is None:
         from dolphin_forge.models.load import load_tokenizer
 
-        tokenizer = load_tokenizer(config)
+        tokenizer = load_tokenizer(config, config_path)
 
     started = time.perf_counter()
     processes = processes or config.dataset_processes or (os.cpu_count() or 1)
     with _progress(progress) as bar:
-        use_pool = processes > 1 and _input_bytes(_dataset_paths(config, config_path)) >= POOL_MIN_BYTES
+        use_pool = processes > 1 and _input_bytes(_input_files(config, config_path)) >= POOL_MIN_BYTES
         samples, tally = _encode_all(config, config_path, tokenizer, processes if use_pool else 1, bar)
     if not samples.lengths.size:
         raise ForgeError(f"datasets: no usable rows (dropped: {dict(tally.dropped) or 'none read'})")
@@ -392,13 +397,20 @@ def preprocess(
 
 
 def cached_report(config: ForgeConfig, config_path: Path | None) -> dict[str, Any] | None:
-    """The report of an existing prepared cache for this config, or None (also when inputs are unreachable)."""
-    try:
-        folder = prepared_root(config) / cache_key(config, config_path)
-    except ForgeError:
+    """The report of an existing prepared cache for this config, or None.
+
+    Read-only and never fails, because `validate` calls it: with the default model not converted yet there can be
+    no cache for it, so it is not fetched (that may pip-install); unreadable inputs or a damaged report mean None.
+    """
+    from dolphin_forge.models.default import DEFAULT_MODEL, default_model_ready
+
+    if (config.tokenizer_config or config.base_model) == DEFAULT_MODEL and not default_model_ready():
         return None
-    report = folder / "report.json"
-    return json.loads(report.read_text()) if report.is_file() else None
+    try:
+        report = prepared_root(config) / cache_key(config, config_path) / "report.json"
+        return json.loads(report.read_text()) if report.is_file() else None
+    except (ForgeError, OSError, ValueError):
+        return None
 
 
 def _report(

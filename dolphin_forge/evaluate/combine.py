@@ -73,9 +73,11 @@ def local_groups(tasks_dir: Path = TASKS_DIR) -> list[TaskGroup]:
     groups = []
     for name in sorted(specs, key=depth):
         config = specs[name]
-        metrics = tuple((m["metric"], bool(m.get("weight_by_size", True))) for m in config.get("aggregate_metric_list", []))
+        aggregate = config.get("aggregate_metric_list", [])
+        metrics = tuple((m["metric"], bool(m.get("weight_by_size", True))) for m in aggregate)
         version = str((config.get("metadata") or {}).get("version", "N/A"))  # the harness reports it as text
-        groups.append(TaskGroup(name, config.get("group_alias"), tuple(children(name)), tuple(leaves(name)), metrics, version))
+        alias = config.get("group_alias")
+        groups.append(TaskGroup(name, alias, tuple(children(name)), tuple(leaves(name)), metrics, version))
     return groups
 
 

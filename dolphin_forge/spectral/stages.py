@@ -40,10 +40,8 @@ class SpectrumOutputs:
 
 
 def model_folder(name: str, config_path: Path | None) -> Path:
-    """`default` or a local folder, relative paths resolved against the working directory, then the config."""
-    if name == "default":
-        return Path(resolve_model_path(name))
-    return Path(resolve_model_path(str(resolve_path(name, config_path))))
+    """`default` or a local folder, a relative one resolved as every path in the config (`resolve_path`)."""
+    return Path(resolve_model_path(name, config_path))
 
 
 def run_spectrum(

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from dolphin_forge.config import ForgeConfig
 from dolphin_forge.errors import ForgeError
+from dolphin_forge.models.default import resolve_model_path
 from dolphin_forge.models.freeze import FreezeSummary, apply_unfrozen_parameters, summarize, unfreeze_rows
 from dolphin_forge.models.packed import restore_standard_attention
 from dolphin_forge.models.load import IM_END, load_model, load_tokenizer, resize_for_tokenizer
@@ -118,9 +119,9 @@ class SFTRecipe:
         self.mixed = mixed_precision(config, device)
         if config.tf32 and device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
-        self.tokenizer = load_tokenizer(config)
+        self.tokenizer = load_tokenizer(config, self.config_path)
 
-        model_path = config.base_model
+        model_path = resolve_model_path(config.base_model, self.config_path)
         load_kwargs: dict[str, Any] = {"attn_implementation": attention_implementation(config, device)}
         quant = quantization_config(config)
         if quant is not None:
@@ -424,9 +425,8 @@ class SFTRecipe:
             )
             restore_standard_attention(model.get_base_model() if self.config.adapter else model)
             if self.config.adapter:
-                from dolphin_forge.models.default import resolve_model_path
-
-                model.peft_config["default"].base_model_name_or_path = resolve_model_path(self.config.base_model)
+                base = resolve_model_path(self.config.base_model, self.config_path)
+                model.peft_config["default"].base_model_name_or_path = base
                 model.save_pretrained(out, safe_serialization=True)
                 model.generation_config.save_pretrained(out)
             else:

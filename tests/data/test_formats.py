@@ -9,6 +9,7 @@ import pytest
 from dolphin_forge.config import DatasetConfig
 from dolphin_forge.data.conversation import Message
 from dolphin_forge.data.formats import Record, RowProblem, read_records, to_conversation
+from dolphin_forge.errors import ForgeError
 
 
 def normalise(data: dict, **dataset) -> list[Message]:
@@ -127,3 +128,26 @@ def test_saved_hf_dataset_is_read(tmp_path):
 
     Dataset.from_list([{"x": 7}, {"x": 8}]).save_to_disk(str(tmp_path / "ds"))
     assert [r.data["x"] for r in read_records(tmp_path / "ds")] == [7, 8]
+
+
+def test_a_json_file_is_one_object_an_array_or_json_lines(tmp_path):
+    single = tmp_path / "one.json"
+    single.write_text(json.dumps({"x": 1, "y": [1, 2]}, indent=2))
+    assert [(type(i).__name__, i.row, i.data) for i in read_records(single)] == [("Record", 1, {"x": 1, "y": [1, 2]})]
+    lines = tmp_path / "lines.json"
+    lines.write_text('{"x": 1}\n{"x": 2}\n')
+    assert [r.data["x"] for r in read_records(lines)] == [1, 2]
+    broken_first = tmp_path / "broken.json"
+    broken_first.write_text('{"x": \n{"x": 2}\n')
+    assert [(type(i).__name__, i.row) for i in read_records(broken_first)] == [("RowProblem", 1), ("Record", 2)]
+
+
+def test_data_files_reads_the_named_files_inside_path_in_order(tmp_path):
+    for name, x in (("a.jsonl", 1), ("b.jsonl", 2), ("c.jsonl", 3)):
+        (tmp_path / name).write_text(json.dumps({"x": x}) + "\n")
+    assert [r.data["x"] for r in read_records(tmp_path, data_files=["c.jsonl", "a.jsonl"])] == [3, 1]
+    assert [r.data["x"] for r in read_records(tmp_path, data_files="b.jsonl")] == [2]
+    with pytest.raises(ForgeError, match="data_files .*nope.jsonl not found"):
+        list(read_records(tmp_path, data_files=["a.jsonl", "nope.jsonl"]))
+    with pytest.raises(ForgeError, match="is not a folder"):
+        list(read_records(tmp_path / "a.jsonl", data_files="b.jsonl"))

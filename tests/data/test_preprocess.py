@@ -9,7 +9,7 @@ import pytest
 
 from dolphin_forge.config import load_config
 from dolphin_forge.data.chatml import IGNORE
-from dolphin_forge.data.preprocess import preprocess
+from dolphin_forge.data.preprocess import cached_report, preprocess
 from dolphin_forge.errors import ForgeError
 
 
@@ -108,6 +108,16 @@ def test_excess_length_strategies(tmp_path, tokenizer):
         preprocess(make_config(tmp_path, [{"path": str(path)}], excess_length_strategy="raise"), tokenizer=tokenizer)
 
 
+def test_a_row_truncated_to_nothing_trainable_counts_as_dropped_not_truncated(tmp_path, tokenizer):
+    path = tmp_path / "rows.jsonl"
+    rows = [good(0), {"conversations": [{"from": "human", "value": "long " * 500}, {"from": "gpt", "value": "a"}]}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = preprocess(make_config(tmp_path, [{"path": str(path)}], excess_length_strategy="truncate"),
+                        tokenizer=tokenizer).report
+    assert report["rows_dropped"] == {"no_trainable_tokens": 1}
+    assert report["rows_truncated"] == 0 and report["rows_kept"] == 1
+
+
 def test_shared_alpaca_and_sharegpt_pack_at_least_99_5_percent(tmp_path, tokenizer, shared_data):
     config = make_config(
         tmp_path,
@@ -159,3 +169,29 @@ def test_a_seed_config_verbatim_drives_preprocess_with_paths_overridden(tmp_path
     prepared = preprocess(loaded.config, loaded.path, tokenizer=tokenizer)
     assert prepared.report["rows_kept"] == 500 and prepared.report["sequence_len"] == 4096
     assert prepared.report["val_samples"] == 1  # val_set_size 0.0002 of 500 rows, rounded up
+
+
+def test_cached_report_for_validate_is_read_only_and_never_fails(tmp_path, tokenizer, monkeypatch):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(good(0)) + "\n")
+    config = make_config(tmp_path, [{"path": str(path)}])
+    prepared = preprocess(config, tokenizer=tokenizer)
+    assert cached_report(config, None) == prepared.report
+    (prepared.path / "report.json").write_text("{")
+    assert cached_report(config, None) is None
+    monkeypatch.setenv("DOLPHIN_FORGE_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr("dolphin_forge.models.default.fetch_default_model",
+                        lambda *args, **kwargs: pytest.fail("validate must not install or convert the default model"))
+    assert cached_report(config, None) is None
+
+
+def test_data_files_choose_the_files_inside_a_dataset_folder(tmp_path, tokenizer):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"part{i}.jsonl").write_text(json.dumps(good(i)) + "\n")
+    config = make_config(tmp_path, [{"path": str(folder), "data_files": ["part2.jsonl", "part0.jsonl"]}])
+    report = preprocess(config, tokenizer=tokenizer).report
+    assert report["rows_read"] == 2 and report["rows_kept"] == 2
+    with pytest.raises(ForgeError, match="data_files .*part9.jsonl not found"):
+        preprocess(make_config(tmp_path, [{"path": str(folder), "data_files": "part9.jsonl"}]), tokenizer=tokenizer)

@@ -1,0 +1,42 @@
+"""Tokenizer loading: the ChatML markers always special, and relative model folders resolved like every path."""
+
+from __future__ import annotations
+
+import pytest
+
+from dolphin_forge.config import load_config
+from dolphin_forge.errors import ForgeError
+from dolphin_forge.models.load import load_tokenizer
+from tests.data.test_chatml import E, S, tokenizer_with_plain_markers
+
+
+@pytest.fixture
+def relative_model(tmp_path, tokenizer, monkeypatch):
+    """A model folder named relatively in a config that sits beside it, run from another working directory."""
+    (tmp_path / "project").mkdir()
+    tokenizer_with_plain_markers(tokenizer).save_pretrained(tmp_path / "project" / "base")
+    config_path = tmp_path / "project" / "run.yml"
+    config_path.write_text("base_model: base\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    return load_config(config_path)
+
+
+def test_plain_markers_become_special_with_unchanged_ids(relative_model):
+    loaded = load_tokenizer(relative_model.config, relative_model.path)
+    markers = {t.content: t.special for t in loaded.backend_tokenizer.get_added_tokens_decoder().values()}
+    assert markers["<|im_start|>"] is True and markers["<|im_end|>"] is True
+    assert loaded.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [S, E]
+    assert loaded.decode([S, 26843, E], skip_special_tokens=True) == "Hi"
+
+
+def test_a_relative_base_model_resolves_beside_the_config_for_validate_and_preprocess(relative_model, tokenizer):
+    from dolphin_forge.data.preprocess import _tokenizer_fingerprint
+
+    config, path = relative_model.config, relative_model.path
+    absolute = config.model_copy(update={"base_model": str(path.parent / "base")})
+    assert config.missing_paths(path) == []  # what `validate` checks
+    assert _tokenizer_fingerprint(config, path) == _tokenizer_fingerprint(absolute, None)  # the preprocess cache key
+    assert len(load_tokenizer(config, path)) == len(tokenizer)
+    with pytest.raises(ForgeError, match="base_model: 'base' is not a local folder"):
+        load_tokenizer(config)  # without the config's location only the working directory is searched
