@@ -6,8 +6,9 @@ Flow, in bounded memory:
    two batches per worker are in flight (``Pool.imap`` would read the whole input ahead), so memory does not grow
    with the input.
 2. A worker normalises each row with `to_conversation`, runs the row filters in order - ``clean``,
-   ``function_calling``, ``system_conversations``, ``refusal``, ``system_prompts`` - and, for a row that survives,
-   computes its dedup keys (digest and MinHash signature) and its output line.
+   ``function_calling``, ``system_conversations``, ``refusal`` - and, for a row that survives, computes its dedup
+   keys (digest and MinHash signature), assigns its system prompt (``system_prompts``) and makes its output line.
+   The keys come before the assignment because each row draws its own prompt: identical rows would differ.
 3. The parent takes the results back in input order, runs deduplication (which must see rows in order so that
    the first occurrence wins), appends each kept row to its source's shard file and each dropped row, with the
    filter and reason, to ``rejected.jsonl``.
@@ -74,7 +75,7 @@ class RowOutcome:
     rejection: Rejection | None = None
     line: str | None = None  # the ShareGPT JSON line (of the kept row, or of the rejected conversation)
     keys: RowKeys | None = None
-    conversation: Conversation | None = None  # the kept conversation, until its keys are computed
+    conversation: Conversation | None = None  # the kept conversation (before prompt assignment), until keyed
     sample_text: str = ""
     edits: Edits = field(default_factory=Edits)
 
@@ -94,9 +95,10 @@ class RowProcessor:
             self.filters.append(SystemConversationCheck(cfg.system_prompts.system_conversations))
         if cfg.refusal.enabled:
             self.filters.append(RefusalFilter(cfg.refusal, setup.phrases))
+        self.assigner: SystemPromptAssigner | None = None
         if cfg.system_prompts.enabled and setup.default_prompts is not None:
-            self.filters.append(
-                SystemPromptAssigner(cfg.system_prompts, setup.default_prompts, setup.source_prompts, setup.seed)
+            self.assigner = SystemPromptAssigner(
+                cfg.system_prompts, setup.default_prompts, setup.source_prompts, setup.seed
             )
         self.keys = DedupKeys(cfg.dedup) if cfg.dedup.exact or cfg.dedup.near else None
 
@@ -120,8 +122,11 @@ class RowProcessor:
                 outcome.sample_text = _sample_text(conversation, result)
                 break
             conversation = result
+        if outcome.rejection is None:
+            outcome.conversation = conversation  # keyed without the system prompt it is about to draw
+            if self.assigner is not None:
+                conversation = self.assigner(conversation, outcome.edits)
         outcome.line = to_json_line(sharegpt_row(conversation, name, row_id, outcome.edits.flags))
-        outcome.conversation = conversation if outcome.rejection is None else None
         return outcome
 
     def process_batch(self, batch: list[tuple[int, Record | RowProblem]]) -> list[RowOutcome]:

@@ -80,7 +80,7 @@ def seeded_fraction(seed: int, *parts: object) -> float:
 
 
 class SystemPromptAssigner:
-    """The ``system_prompts`` filter (it never drops a row)."""
+    """The ``system_prompts`` step: it never drops a row, and the pipeline runs it after taking the dedup keys."""
 
     name = "system_prompts"
 
@@ -93,7 +93,7 @@ class SystemPromptAssigner:
         point = seeded_fraction(self.seed, source, row_id) * cumulative[-1]
         return prompts[min(bisect.bisect_right(cumulative, point), len(prompts) - 1)]
 
-    def __call__(self, conversation: Conversation, edits: Edits) -> Conversation | Rejection:
+    def __call__(self, conversation: Conversation, edits: Edits) -> Conversation:
         messages = conversation.messages
         has_system = bool(messages) and messages[0].role == "system"
         if has_system and self.config.mode == "missing":

@@ -203,3 +203,32 @@ def test_a_source_can_map_its_own_role_names(tmp_path: Path) -> None:
                                           "system_prompts": {"enabled": False}}}).config
     rows = read_jsonl(curate(config).output)
     assert rows[0]["conversations"] == [{"from": "human", "value": "Greetings?"}, {"from": "gpt", "value": "Hello."}]
+
+
+@pytest.mark.parametrize("scope", ["first_user", "conversation", "assistant"])
+def test_identical_rows_are_duplicates_in_every_scope_despite_assigned_system_prompts(
+    tmp_path: Path, scope: str
+) -> None:
+    """Each row draws its own system prompt, so dedup must compare the conversations as they came in."""
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text("".join(f"- Prompt number {i}, answer in style {i}.\n" for i in range(20)), encoding="utf-8")
+    path = write_jsonl(tmp_path / "same.jsonl", [{"id": f"r{i}", "conversations": GREETING} for i in range(6)])
+    config = load_config(data={"curate": {"output_dir": str(tmp_path / "out"), "processes": 1,
+                                          "sources": [{"path": str(path)}], "dedup": {"scope": scope},
+                                          "system_prompts": {"file": str(prompts)}}}).config
+    result = curate(config)
+    (kept,) = read_jsonl(result.output)
+    assert kept["id"] == "r0" and kept["conversations"][0]["from"] == "system"  # the prompt is still assigned
+    assert kept["conversations"][1:] == GREETING
+    rejected = read_jsonl(result.rejected)
+    assert [(r["id"], r["reason"], r["detail"]) for r in rejected] == [
+        (f"r{i}", "exact", "exact duplicate of same/r0") for i in range(1, 6)
+    ]
+
+
+def test_a_roles_mapping_onto_a_non_chatml_role_is_a_one_line_config_error() -> None:
+    """Such a mapping is the only way a role outside ChatML could reach the curated row (unknown data roles are
+    `unknown_role` rejections), so it must stop at the config, not as a KeyError mid-run."""
+    with pytest.raises(ForgeError, match=r"curate\.sources\.0\.roles.*asistant") as error:
+        load_config(data={"curate": {"sources": [{"path": "x.jsonl", "roles": {"asistant": ["bot"]}}]}})
+    assert "\n" not in str(error.value)
