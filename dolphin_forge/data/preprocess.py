@@ -255,12 +255,12 @@ def _input_bytes(files: list[Path]) -> int:
 
 
 def _encode_all(
-    config: ForgeConfig, config_path: Path | None, tokenizer: Any, processes: int, progress: Any
+    config: ForgeConfig, config_path: Path | None, tokenizer: Any, processes: int, progress: Any, files: list[Path]
 ) -> tuple[_Samples, _Tally]:
     tally = _Tally()
     parts: list[_Samples] = []
     paths = _dataset_paths(config, config_path)
-    task = progress.add_task("tokenising", total=_count_rows(_input_files(config, config_path))) if progress else None
+    task = progress.add_task("tokenising", total=_count_rows(files)) if progress else None
 
     def absorb(result: _ChunkResult, rows: int) -> None:
         tally.rows_read += rows
@@ -368,8 +368,9 @@ def preprocess(
     started = time.perf_counter()
     processes = processes or config.dataset_processes or (os.cpu_count() or 1)
     with _progress(progress) as bar:
-        use_pool = processes > 1 and _input_bytes(_input_files(config, config_path)) >= POOL_MIN_BYTES
-        samples, tally = _encode_all(config, config_path, tokenizer, processes if use_pool else 1, bar)
+        files = _input_files(config, config_path)  # listed once: folders may hold many files
+        use_pool = processes > 1 and _input_bytes(files) >= POOL_MIN_BYTES
+        samples, tally = _encode_all(config, config_path, tokenizer, processes if use_pool else 1, bar, files)
     if not samples.lengths.size:
         raise ForgeError(f"datasets: no usable rows (dropped: {dict(tally.dropped) or 'none read'})")
     train_idx, val_idx = _split(int(samples.lengths.size), config)

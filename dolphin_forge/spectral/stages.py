@@ -39,11 +39,6 @@ class SpectrumOutputs:
     merged_config: Path | None
 
 
-def model_folder(name: str, config_path: Path | None) -> Path:
-    """`default` or a local folder, a relative one resolved as every path in the config (`resolve_path`)."""
-    return Path(resolve_model_path(name, config_path))
-
-
 def run_spectrum(
     config: ForgeConfig,
     config_path: Path | None = None,
@@ -60,7 +55,7 @@ def run_spectrum(
         if not 0 < top_percent <= 100:
             raise ForgeError(f"--top-percent {top_percent:g}: expected a number > 0 and <= 100")
         settings = settings.model_copy(update={"top_percent": float(top_percent)})
-    model = model_folder(settings.model or config.base_model, config_path)
+    model = Path(resolve_model_path(settings.model or config.base_model, config_path))
     scan = scan_model(model, settings.module_types, settings.threshold, settings.workers, progress=progress)
     folder = Path(settings.output_dir or Path(config.output_dir) / "spectrum")
     folder.mkdir(parents=True, exist_ok=True)
@@ -131,7 +126,7 @@ def save_like_source(model: Any, source: Path, target: Path) -> None:
 def run_laser(config: ForgeConfig, config_path: Path | None = None, progress: bool = False) -> LaserOutputs:
     """LASER-RMT on `laser.model` (default: base_model); writes the model, log and plot into `laser.output_dir`."""
     settings = config.laser
-    model_dir = model_folder(settings.model or config.base_model, config_path)
+    model_dir = Path(resolve_model_path(settings.model or config.base_model, config_path))
     tokenizer = load_tokenizer(config.model_copy(update={"base_model": str(model_dir)}))
     search_ids, heldout_ids = _eval_ids(config, config_path, tokenizer)
     scan = scan_model(model_dir, settings.module_types, settings.threshold, layers=settings.layers, section="laser")
