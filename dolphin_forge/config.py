@@ -26,6 +26,26 @@ DatasetType = Literal["sharegpt", "chat_template", "alpaca", "openai", "messages
 TrainOnEos = Literal["turn", "last", "all", "none"]
 #: What a dataset's `roles:` may map names onto: the ChatML roles, and tool_call (read as an assistant tool call).
 ROLE_TARGETS = ("system", "user", "assistant", "tool", "tool_call")
+#: ShareGPT / chat-template role names seen in the wild, mapped onto the four ChatML roles.
+ROLE_ALIASES: dict[str, str] = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "tool": "tool",
+    "ipython": "tool",
+    "observation": "tool",
+    "function": "tool",
+    "function_response": "tool",
+    "function-response": "tool",
+    "function_call": "tool_call",
+    "function-call": "tool_call",
+}
 
 
 class DatasetConfig(BaseModel):
@@ -36,7 +56,7 @@ class DatasetConfig(BaseModel):
     path: str
     type: DatasetType = "sharegpt"
     conversation: str | None = "chatml"
-    ds_type: Literal["json", "jsonl", "parquet", "arrow"] | None = None  # Axolotl's; the format is read from the file
+    ds_type: Literal["json", "jsonl", "parquet", "arrow"] | None = None  # how to read the files (default: by suffix)
     data_files: str | list[str] | None = None  # files inside the folder `path`
     split: str | None = None
     name: str | None = None
@@ -70,6 +90,19 @@ class DatasetConfig(BaseModel):
         unknown = [role for role in value or {} if role not in ROLE_TARGETS]
         if unknown:
             raise ValueError(f"unknown role {unknown[0]!r}: expected one of {', '.join(ROLE_TARGETS)}")
+        return value
+
+    @field_validator("roles_to_train")
+    @classmethod
+    def _trained_roles_known(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        """A typo here (`asisstant`) would otherwise train nothing at all and only show up as a flat loss."""
+        mapped = {str(name).lower() for names in (info.data.get("roles") or {}).values() for name in names}
+        unknown = [role for role in value or [] if str(role).lower() not in {*ROLE_ALIASES, *mapped}]
+        if unknown:
+            raise ValueError(
+                f"unknown role {unknown[0]!r}: expected system, user, assistant or tool, a ShareGPT name such as "
+                "gpt or human, or a name listed under `roles`"
+            )
         return value
 
 

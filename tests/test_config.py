@@ -165,6 +165,16 @@ def test_roles_must_map_onto_chatml_roles():
                                "expected one of system, user, assistant, tool, tool_call")
 
 
+def test_roles_to_train_must_name_a_known_role():
+    config = load_config(data={"datasets": [{"path": "a", "roles": {"assistant": ["bot"]}, "roles_to_train": ["gpt", "Bot"]}]})
+    assert config.config.datasets[0].roles_to_train == ["gpt", "Bot"]
+    with pytest.raises(ForgeError) as info:
+        load_config(data={"datasets": [{"path": "a", "roles_to_train": ["asisstant"]}]})
+    assert str(info.value) == (
+        "<config>: datasets.0.roles_to_train = ['asisstant']: unknown role 'asisstant': expected system, user, "
+        "assistant or tool, a ShareGPT name such as gpt or human, or a name listed under `roles`")
+
+
 @pytest.mark.parametrize(("data", "override", "message"), [
     ({"datasets": [{"path": "a"}]}, "datasets.path",
      "override datasets.path: datasets is a list, so it has no key 'path' (name an entry by its index, e.g. "

@@ -12,7 +12,7 @@ trailing unanswered user turn is trimmed (it teaches nothing); anything else out
 Rows are dropped for: an empty turn (after cleaning), broken role order, no assistant turn, too many non-printable
 characters, a character repeated more than ``max_repeated_chars`` times in a row (degenerate generations), an
 answer shorter or longer than the limits, or a first user turn not in ``languages``. Role aliases ("human", "gpt",
-"function_call", ...) are mapped by the reader (`dolphin_forge.data.formats.ROLE_ALIASES`, plus a source's
+"function_call", ...) are mapped by the reader (`dolphin_forge.config.ROLE_ALIASES`, plus a source's
 ``roles:``) before any of this runs.
 """
 

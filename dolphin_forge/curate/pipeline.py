@@ -274,7 +274,7 @@ def curate(
 
         def records() -> Iterator[tuple[int, Record | RowProblem]]:
             for source, path in enumerate(paths):
-                for item in read_records(path, setup.sources[source].split):
+                for item in read_records(path, setup.sources[source].split, ds_type=setup.sources[source].ds_type):
                     report.sources[setup.names[source]].read += 1
                     yield source, item
 

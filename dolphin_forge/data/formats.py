@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dolphin_forge.config import DatasetConfig
+from dolphin_forge.config import ROLE_ALIASES, DatasetConfig
 from dolphin_forge.data.conversation import (
     Conversation,
     Message,
@@ -23,27 +23,6 @@ from dolphin_forge.data.conversation import (
     format_tools,
 )
 from dolphin_forge.errors import ForgeError
-
-#: ShareGPT / chat-template role names seen in the wild, mapped onto the four ChatML roles.
-ROLE_ALIASES: dict[str, str] = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "model": "assistant",
-    "chatgpt": "assistant",
-    "bard": "assistant",
-    "bing": "assistant",
-    "tool": "tool",
-    "ipython": "tool",
-    "observation": "tool",
-    "function": "tool",
-    "function_response": "tool",
-    "function-response": "tool",
-    "function_call": "tool_call",
-    "function-call": "tool_call",
-}
 
 DATA_SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet", ".arrow")
 
@@ -187,21 +166,26 @@ def _read_hf_dataset(path: Path, split: str | None) -> Iterator[Record | RowProb
 
 
 def read_records(
-    path: Path, split: str | None = None, data_files: str | list[str] | None = None
+    path: Path, split: str | None = None, data_files: str | list[str] | None = None, ds_type: str | None = None
 ) -> Iterator[Record | RowProblem]:
-    """Every row of a file, folder or saved HF dataset, as records or problems, in a stable order."""
+    """Every row of a file, folder or saved HF dataset, as records or problems, in a stable order.
+
+    Each file is read by its name's suffix, or as `ds_type` (Axolotl's key) says when given, so a JSON Lines file
+    named ``.txt`` or a parquet file without a suffix can be named in `data_files` and read.
+    """
     for file in list_data_files(path, data_files):
         name = file.name.lower()
+        kind = ds_type or ("parquet" if name.endswith(".parquet") else "arrow" if name.endswith(".arrow") else "json")
         if file.is_dir():
             yield from _read_hf_dataset(file, split)
-        elif name.endswith(".parquet"):
+        elif kind == "parquet":
             yield from _read_parquet(file)
-        elif name.endswith(".arrow"):
+        elif kind == "arrow":
             from datasets import Dataset
 
             for index, item in enumerate(Dataset.from_file(str(file)), start=1):
                 yield Record(str(file), index, item)
-        elif _looks_like_jsonl(file):
+        elif kind == "jsonl" or _looks_like_jsonl(file):
             yield from _read_jsonl(file)
         else:
             yield from _read_json_array(file)
@@ -275,6 +259,13 @@ def _role_aliases(dataset: DatasetConfig) -> dict[str, str]:
         for name in names:
             aliases[str(name).lower()] = target
     return aliases
+
+
+def trained_roles(dataset: DatasetConfig) -> list[str]:
+    """The ChatML roles `roles_to_train` names: Axolotl configs use ShareGPT names (`gpt`) and `roles:` names too."""
+    aliases = _role_aliases(dataset)
+    roles = {aliases[str(role).lower()] for role in dataset.roles_to_train or ["assistant"]}
+    return sorted("assistant" if role == "tool_call" else role for role in roles)
 
 
 def to_conversation(record: Record, dataset: DatasetConfig) -> Conversation:

@@ -34,7 +34,7 @@ import numpy as np
 
 from dolphin_forge.config import DatasetConfig, ForgeConfig, resolve_path
 from dolphin_forge.data.chatml import IGNORE, ChatMLEncoder
-from dolphin_forge.data.formats import Record, RowProblem, list_data_files, read_records, to_conversation
+from dolphin_forge.data.formats import Record, RowProblem, list_data_files, read_records, to_conversation, trained_roles
 from dolphin_forge.data.packing import PackedRows, pack_sequences, packing_efficiency
 from dolphin_forge.errors import ForgeError
 
@@ -136,13 +136,10 @@ def prepared_root(config: ForgeConfig) -> Path:
 
 
 def _encoder_for(tokenizer: Any, config: ForgeConfig, dataset: DatasetConfig) -> ChatMLEncoder:
-    roles = dataset.roles_to_train or ["assistant"]
-    if "gpt" in roles:  # Axolotl configs sometimes name the ShareGPT role
-        roles = [r if r != "gpt" else "assistant" for r in roles]
     return ChatMLEncoder(
         tokenizer,
         train_on_inputs=config.train_on_inputs,
-        roles_to_train=roles,
+        roles_to_train=trained_roles(dataset),
         train_on_eos=dataset.train_on_eos or "turn",
     )
 
@@ -278,7 +275,7 @@ def _encode_all(
     )
     try:
         for index, (dataset, path) in enumerate(zip(config.datasets, paths, strict=True)):
-            records = read_records(path, dataset.split, dataset.data_files)
+            records = read_records(path, dataset.split, dataset.data_files, dataset.ds_type)
             if pool is None:
                 encoder = _encoder_for(tokenizer, config, dataset)
                 for chunk in _chunks(records, CHUNK_ROWS):

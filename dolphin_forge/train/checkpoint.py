@@ -46,13 +46,18 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _checkpoint_names(output_dir: Path) -> list[str]:
+    """Every checkpoint folder, complete or not: a half-written one is still another run's."""
+    return sorted(p.name for p in output_dir.iterdir() if _NAME.match(p.name)) if output_dir.is_dir() else []
+
+
 def refuse_used_output_dir(output_dir: Path) -> None:
     """A fresh run must not share `output_dir` with an earlier run's checkpoints.
 
     Pruning would delete the newer-numbered old ones or keep them instead of ours, and `auto` resume would later
     pick a stale one: both silently mix two runs.
     """
-    found = sorted(p.name for p in output_dir.iterdir() if _NAME.match(p.name)) if output_dir.is_dir() else []
+    found = _checkpoint_names(output_dir)
     if found:
         raise ForgeError(
             f"output_dir: {output_dir} already holds checkpoints of an earlier run ({', '.join(found[:3])}); "
@@ -69,6 +74,13 @@ def resolve_resume(value: str | None, output_dir: Path) -> Path | None:
     path = Path(value).expanduser()
     if not (path / "state.json").is_file():
         raise ForgeError(f"resume_from_checkpoint: {value} is not a complete checkpoint folder (no state.json)")
+    if path.resolve().parent != output_dir.resolve():
+        found = _checkpoint_names(output_dir)
+        if found:  # pruning and a later `auto` resume would mix that run's checkpoints with this one's
+            raise ForgeError(
+                f"resume_from_checkpoint: {value} lies outside output_dir {output_dir}, which holds checkpoints of "
+                f"another run ({', '.join(found[:3])}); resume into an empty output_dir or into {path.parent}"
+            )
     return path
 
 

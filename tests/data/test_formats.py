@@ -8,7 +8,7 @@ import pytest
 
 from dolphin_forge.config import DatasetConfig
 from dolphin_forge.data.conversation import Message
-from dolphin_forge.data.formats import Record, RowProblem, read_records, to_conversation
+from dolphin_forge.data.formats import Record, RowProblem, read_records, to_conversation, trained_roles
 from dolphin_forge.errors import ForgeError
 
 
@@ -151,3 +151,28 @@ def test_data_files_reads_the_named_files_inside_path_in_order(tmp_path):
         list(read_records(tmp_path, data_files=["a.jsonl", "nope.jsonl"]))
     with pytest.raises(ForgeError, match="is not a folder"):
         list(read_records(tmp_path / "a.jsonl", data_files="b.jsonl"))
+
+
+def test_ds_type_chooses_the_reader_over_the_suffix(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "rows.txt").write_text('{"x": 1}\n{"x": 2}\n')
+    pq.write_table(pa.table({"x": [3]}), tmp_path / "table.bin")
+    assert [r.data["x"] for r in read_records(tmp_path, data_files="rows.txt", ds_type="json")] == [1, 2]
+    assert [r.data["x"] for r in read_records(tmp_path, data_files="table.bin", ds_type="parquet")] == [3]
+    # `jsonl` reads line by line even where the first line alone would look like one JSON document's start
+    (tmp_path / "one.json").write_text('[1]\n{"x": 4}\n')
+    items = list(read_records(tmp_path / "one.json", ds_type="jsonl"))
+    assert [(type(i).__name__, i.row) for i in items] == [("RowProblem", 1), ("Record", 2)]
+
+
+@pytest.mark.parametrize(("dataset", "roles"), [
+    ({}, ["assistant"]),
+    ({"roles_to_train": ["gpt"]}, ["assistant"]),
+    ({"roles_to_train": ["human", "assistant"]}, ["assistant", "user"]),
+    ({"roles": {"assistant": ["bot"]}, "roles_to_train": ["BOT"]}, ["assistant"]),
+    ({"roles_to_train": ["function_call", "observation"]}, ["assistant", "tool"]),
+])
+def test_roles_to_train_names_become_chatml_roles(dataset, roles):
+    assert trained_roles(DatasetConfig(path="a", **dataset)) == roles

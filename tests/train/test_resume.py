@@ -105,6 +105,18 @@ def test_auto_resume_ignores_half_written_checkpoints(tmp_path):
         ckpt.resolve_resume(str(tmp_path / "checkpoint-6"), tmp_path)
 
 
+def test_an_explicit_checkpoint_outside_output_dir_needs_an_unused_output_dir(tmp_path):
+    old_run, new_run = tmp_path / "old", tmp_path / "new"
+    (old_run / "checkpoint-4").mkdir(parents=True)
+    (old_run / "checkpoint-4" / "state.json").write_text("{}")
+    new_run.mkdir()
+    assert ckpt.resolve_resume(str(old_run / "checkpoint-4"), new_run) == old_run / "checkpoint-4"
+    assert ckpt.resolve_resume(str(old_run / "checkpoint-4"), old_run) == old_run / "checkpoint-4"
+    (new_run / "checkpoint-8").mkdir()  # another run's, even half written
+    with pytest.raises(ForgeError, match=r"outside output_dir .*new, which holds checkpoints of another run \(checkpoint-8\)"):
+        ckpt.resolve_resume(str(old_run / "checkpoint-4"), new_run)
+
+
 class Killed(Exception):
     """Stands for SIGKILL arriving while a folder is being deleted."""
 
