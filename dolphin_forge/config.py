@@ -13,12 +13,32 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from dolphin_forge.errors import ForgeError
+from dolphin_forge.errors import ForgeError, read_text_file
+
+def _not_a_file(value: str) -> str:
+    """Caught at load: a stage would otherwise fail at its first write, for `train` after the model has loaded."""
+    if Path(value).expanduser().is_file():
+        raise ValueError("is a file; expected a folder (it is created if missing)")
+    return value
+
+
+#: A folder a stage writes into, relative to the working directory (as Axolotl's `output_dir`).
+OutputFolder = Annotated[str, AfterValidator(_not_a_file)]
+
 
 # --- datasets ---------------------------------------------------------------------------------------------------
 
@@ -191,7 +211,7 @@ class CurateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sources: list[CurateSource] = Field(default_factory=list)
-    output_dir: str = "./curated"
+    output_dir: OutputFolder = "./curated"
     processes: int | None = Field(default=None, ge=1)
     batch_rows: int = Field(default=256, ge=1)
     seed: int | None = None
@@ -228,7 +248,7 @@ class SpectrumConfig(BaseModel):
     top_percent: float = Field(default=50.0, gt=0, le=100)
     threshold: NoiseThreshold = "marchenko_pastur"
     workers: int = Field(default=1, ge=1)  # matrices scanned at once (each uses all cores; N x the memory)
-    output_dir: str | None = None  # default: <output_dir>/spectrum
+    output_dir: OutputFolder | None = None  # default: <output_dir>/spectrum
 
 
 class LaserConfig(BaseModel):
@@ -249,7 +269,7 @@ class LaserConfig(BaseModel):
     max_changes: int = Field(default=8, gt=0)
     max_attempts: int | None = Field(default=None, gt=0)
     time_budget_minutes: float | None = Field(default=None, gt=0)
-    output_dir: str | None = None  # default: <output_dir>/laser
+    output_dir: OutputFolder | None = None  # default: <output_dir>/laser
 
     @field_validator("heldout_tokens")
     @classmethod
@@ -334,7 +354,7 @@ class ForgeConfig(BaseModel):
 
     # data
     datasets: list[DatasetConfig] = Field(default_factory=list)
-    dataset_prepared_path: str | None = None
+    dataset_prepared_path: OutputFolder | None = None
     dataset_processes: int | None = Field(default=None, ge=1)
     val_set_size: float = Field(default=0.0, ge=0)
     sequence_len: int = Field(default=2048, gt=0)
@@ -346,7 +366,7 @@ class ForgeConfig(BaseModel):
     shuffle_merged_datasets: bool = True
 
     # training
-    output_dir: str = "./out"
+    output_dir: OutputFolder = "./out"
     adapter: Literal["lora", "qlora"] | None = None
     lora_r: int = Field(default=8, gt=0)
     lora_alpha: float = Field(default=16, gt=0)
@@ -588,18 +608,25 @@ def _inert_warnings(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def yaml_error_line(path: str | Path, exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the file, the line and what is wrong there."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark else str(path)
+    return f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})"
+
+
 def read_yaml_file(path: str | Path) -> tuple[dict[str, Any], str]:
     """A YAML config file's mapping and its text; every problem is one line naming the file (and line)."""
     file = Path(path)
+    if file.is_dir():
+        raise ForgeError(f"{path}: is a folder; expected a YAML config file")
     if not file.is_file():
         raise ForgeError(f"{path}: config file not found")
-    text = file.read_text(encoding="utf-8")
+    text = read_text_file(file, "a YAML config file")
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ForgeError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise ForgeError(yaml_error_line(path, exc)) from None
     if not isinstance(data, dict):
         raise ForgeError(f"{path}: expected a mapping of keys to values at the top level")
     return data, text

@@ -4,6 +4,19 @@ A `ForgeError` carries a message that is already fit for the user: one line nami
 key and what was expected. The CLI prints it without a traceback; anything else is a bug and keeps its traceback.
 """
 
+from pathlib import Path
+
 
 class ForgeError(Exception):
     """A user mistake (bad config, missing file, unsupported hardware), reported in one line."""
+
+
+def read_text_file(path: Path, expected: str) -> str:
+    """A text file the user gave us; a file in another encoding is named, with what was expected, in one line.
+
+    utf-8-sig, because files saved by Windows tools start with a byte-order mark that plain utf-8 keeps as text.
+    """
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ForgeError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); expected {expected}") from None

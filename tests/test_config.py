@@ -197,3 +197,25 @@ def test_data_files_are_checked_by_validate_and_refused_in_curate_sources(tmp_pa
     assert config.missing_paths(None) == [f"datasets.0.data_files 'b.jsonl' is not a file in {str(tmp_path)!r}"]
     with pytest.raises(ForgeError, match="curate.sources.0.data_files = 'a.jsonl': not supported in curate sources"):
         load_config(data={"curate": {"sources": [{"path": str(tmp_path), "data_files": "a.jsonl"}]}})
+
+
+def test_config_files_in_another_encoding_or_folders_are_named(tmp_path):
+    bad = tmp_path / "latin1.yml"
+    bad.write_bytes("base_model: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ForgeError, match=r"latin1.yml: not UTF-8 text \(byte 15"):
+        load_config(bad)
+    with pytest.raises(ForgeError, match="is a folder; expected a YAML config file"):
+        load_config(tmp_path)
+    marked = tmp_path / "bom.yml"
+    marked.write_text("learning_rate: 0.001\n", encoding="utf-8-sig")
+    assert load_config(marked).config.learning_rate == 0.001
+
+
+@pytest.mark.parametrize("key", ["output_dir", "dataset_prepared_path", "curate.output_dir", "spectrum.output_dir",
+                                 "laser.output_dir"])
+def test_an_output_folder_that_is_a_file_is_refused_at_load(tmp_path, monkeypatch, key):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken.jsonl").write_text("{}\n")
+    with pytest.raises(ForgeError, match=f"{re.escape(key)} = 'taken.jsonl': is a file; expected a folder"):
+        load_config(data={}, overrides={key: "taken.jsonl"})
+    assert load_config(data={}, overrides={key: "new-folder"}).config

@@ -28,7 +28,7 @@ import yaml
 from dolphin_forge.config import CurateSystemPromptsConfig
 from dolphin_forge.curate.filters import Edits, Rejection, drop_turn_pairs, has_assistant
 from dolphin_forge.data.conversation import TOOLS_PREAMBLE, Conversation, Message
-from dolphin_forge.errors import ForgeError
+from dolphin_forge.errors import ForgeError, read_text_file
 
 DEFAULT_PROMPTS_FILE = "system_prompts.yaml"
 
@@ -58,7 +58,7 @@ def parse_prompt_list(data: Any, where: str) -> WeightedPrompts:
 
 def load_prompt_file(name: str | None, config_path: Path | None, key: str) -> WeightedPrompts:
     """The default list when `name` is None, else the YAML/JSON file it names."""
-    from dolphin_forge.config import resolve_path
+    from dolphin_forge.config import resolve_path, yaml_error_line
 
     if name is None:
         text = resources.files(__package__).joinpath(DEFAULT_PROMPTS_FILE).read_text("utf-8")
@@ -67,9 +67,9 @@ def load_prompt_file(name: str | None, config_path: Path | None, key: str) -> We
     if not file.is_file():
         raise ForgeError(f"{key}: {file} does not exist (expected a YAML or JSON list of system prompts)")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text_file(file, "a YAML or JSON list of system prompts"))
     except yaml.YAMLError as exc:
-        raise ForgeError(f"{file}: not valid YAML/JSON ({exc})") from None
+        raise ForgeError(yaml_error_line(file, exc)) from None
     return parse_prompt_list(data, str(file))
 
 

@@ -84,9 +84,10 @@ def _named_files(folder: Path, data_files: str | list[str]) -> list[Path]:
 
 
 def _open_text(path: Path) -> Any:
+    """utf-8-sig: files saved by Windows tools start with a byte-order mark that plain utf-8 would keep as text."""
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return path.open("r", encoding="utf-8", errors="replace")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
+    return path.open("r", encoding="utf-8-sig", errors="replace")
 
 
 def _looks_like_jsonl(path: Path) -> bool:
@@ -174,21 +175,37 @@ def read_records(
     named ``.txt`` or a parquet file without a suffix can be named in `data_files` and read.
     """
     for file in list_data_files(path, data_files):
-        name = file.name.lower()
-        kind = ds_type or ("parquet" if name.endswith(".parquet") else "arrow" if name.endswith(".arrow") else "json")
-        if file.is_dir():
-            yield from _read_hf_dataset(file, split)
-        elif kind == "parquet":
-            yield from _read_parquet(file)
-        elif kind == "arrow":
-            from datasets import Dataset
+        yield from _unless_broken(file, _read_file(file, split, ds_type))
 
-            for index, item in enumerate(Dataset.from_file(str(file)), start=1):
-                yield Record(str(file), index, item)
-        elif kind == "jsonl" or _looks_like_jsonl(file):
-            yield from _read_jsonl(file)
-        else:
-            yield from _read_json_array(file)
+
+def _read_file(file: Path, split: str | None, ds_type: str | None) -> Iterator[Record | RowProblem]:
+    name = file.name.lower()
+    kind = ds_type or ("parquet" if name.endswith(".parquet") else "arrow" if name.endswith(".arrow") else "json")
+    if file.is_dir():
+        yield from _read_hf_dataset(file, split)
+    elif kind == "parquet":
+        yield from _read_parquet(file)
+    elif kind == "arrow":
+        from datasets import Dataset
+
+        for index, item in enumerate(Dataset.from_file(str(file)), start=1):
+            yield Record(str(file), index, item)
+    elif kind == "jsonl" or _looks_like_jsonl(file):
+        yield from _read_jsonl(file)
+    else:
+        yield from _read_json_array(file)
+
+
+def _unless_broken(file: Path, rows: Iterator[Record | RowProblem]) -> Iterator[Record | RowProblem]:
+    """A truncated gzip or a corrupt parquet file costs the rows after the break, not the ones before it or the run."""
+    read = 0
+    try:
+        for item in rows:
+            read += 1
+            yield item
+    except (EOFError, OSError, ValueError) as exc:  # gzip, pyarrow and datasets raise these for damaged files
+        detail = f"the file cannot be read past row {read} ({type(exc).__name__}: {exc})"
+        yield RowProblem("unreadable_file", detail, str(file), read + 1)
 
 
 # --- rows into conversations ------------------------------------------------------------------------------------
@@ -224,6 +241,8 @@ def _messages_from_turns(
             raise RowProblem("bad_field", f"turn {number} should be an object")
         role = _role(turn.get(role_key), aliases)
         if role == "assistant" and turn.get("tool_calls"):
+            if not isinstance(turn["tool_calls"], list):
+                raise RowProblem("bad_field", f"turn {number} field 'tool_calls' should be a list of calls")
             calls = [format_tool_call(c.get("function", c)) for c in turn["tool_calls"] if isinstance(c, dict)]
             prefix = _text(turn.get(content_key) or "", f"turn {number} {content_key!r}").strip()
             messages.append(Message("assistant", "\n".join(([prefix] if prefix else []) + calls)))
@@ -299,6 +318,8 @@ def to_conversation(record: Record, dataset: DatasetConfig) -> Conversation:
     except RowProblem as problem:
         problem.source, problem.row = record.source, record.row
         raise
+    except (TypeError, AttributeError, ValueError) as exc:  # a shape no check above foresaw: lose the row, not the run
+        raise RowProblem("bad_field", f"unexpected row structure ({exc})", record.source, record.row) from None
     return Conversation(messages=messages, source=record.source, row=record.row)
 
 

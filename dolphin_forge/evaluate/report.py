@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dolphin_forge.errors import ForgeError
+from dolphin_forge.errors import ForgeError, read_text_file
 from dolphin_forge.plotting import pyplot, save_png
 
 #: The metric (and harness filter) that stands for a task in the comparison table.
@@ -156,6 +156,8 @@ def plot_comparison(evaluations: list[ModelEvaluation], path: Path) -> Path | No
 
 def write_results(evaluations: list[ModelEvaluation], folder: Path) -> dict[str, Path]:
     """Write results.json, report.md and (when there are task scores) comparison.png into `folder`."""
+    if folder.is_file():
+        raise ForgeError(f"{folder}: is a file; expected a folder for {RESULTS_FILE} and {REPORT_FILE}")
     folder.mkdir(parents=True, exist_ok=True)
     written = {"results": folder / RESULTS_FILE, "report": folder / REPORT_FILE}
     payload = {"models": [asdict(e) for e in evaluations]}
@@ -169,11 +171,22 @@ def write_results(evaluations: list[ModelEvaluation], folder: Path) -> dict[str,
 
 def load_results(path: Path) -> list[ModelEvaluation]:
     """Model evaluations from a results.json written earlier (or the folder holding it), for comparisons."""
+    from pydantic import TypeAdapter, ValidationError
+
     file = path / RESULTS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise ForgeError(f"{file}: results file not found")
     try:
-        payload = json.loads(file.read_text(encoding="utf-8"))
-        return [ModelEvaluation(**entry) for entry in payload["models"]]
-    except FileNotFoundError:
-        raise ForgeError(f"{file}: results file not found") from None
+        payload = json.loads(read_text_file(file, "a dolphin-forge results.json"))
+        evaluations = TypeAdapter(list[ModelEvaluation]).validate_python(payload["models"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ForgeError(f"{file}: not a dolphin-forge results.json ({exc})") from None
+    except ValidationError as exc:  # hand-edited or foreign: name the first wrong field, not a traceback later
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        raise ForgeError(f"{file}: not a dolphin-forge results.json (models.{where}: {error['msg']})") from None
+    for evaluation in evaluations:
+        results = evaluation.harness.get("results", {})
+        if not isinstance(results, dict) or not all(isinstance(v, dict) for v in results.values()):
+            raise ForgeError(f"{file}: not a dolphin-forge results.json (harness.results should map tasks to metrics)")
+    return evaluations

@@ -103,3 +103,15 @@ def test_system_talk_is_fine_when_the_user_asked() -> None:
     assert SystemConversationCheck("drop_conversation")(unrelated, Edits()) is unrelated
     not_asked = chat(("user", "Explain the solar system."), ("assistant", "My system prompt forbids astronomy."))
     assert isinstance(SystemConversationCheck("drop_conversation")(not_asked, Edits()), Rejection)
+
+
+def test_a_broken_prompt_file_is_one_line_naming_the_file_and_line(tmp_path):
+    broken = tmp_path / "prompts.yml"
+    broken.write_text("- one\n- [two\n")
+    with pytest.raises(ForgeError) as info:
+        load_prompt_file(str(broken), None, "curate.system_prompts.file")
+    assert str(info.value).startswith(f"{broken}:3: not valid YAML") and "\n" not in str(info.value)
+    latin = tmp_path / "latin.yml"
+    latin.write_bytes("- caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ForgeError, match="latin.yml: not UTF-8 text"):
+        load_prompt_file(str(latin), None, "curate.system_prompts.file")

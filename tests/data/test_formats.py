@@ -176,3 +176,43 @@ def test_ds_type_chooses_the_reader_over_the_suffix(tmp_path):
 ])
 def test_roles_to_train_names_become_chatml_roles(dataset, roles):
     assert trained_roles(DatasetConfig(path="a", **dataset)) == roles
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps([{"x": 1}, {"x": 2}], indent=2), encoding="utf-8-sig")
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text('{"x": 3}\n{"x": 4}\n', encoding="utf-8-sig")
+    assert [r.data["x"] for r in read_records(array)] == [1, 2]
+    assert [r.data["x"] for r in read_records(lines)] == [3, 4]
+
+
+def test_damaged_files_cost_only_the_rows_after_the_damage(tmp_path):
+    import gzip
+    import random
+
+    whole = "".join(json.dumps({"x": i, "pad": random.Random(i).randbytes(100).hex()}) + "\n" for i in range(200))
+    whole = whole.encode()
+    truncated = tmp_path / "cut.jsonl.gz"
+    truncated.write_bytes(gzip.compress(whole)[:3000])
+    items = list(read_records(truncated))
+    kept = [i for i in items if isinstance(i, Record)]
+    assert kept and [r.data["x"] for r in kept] == list(range(len(kept)))
+    assert isinstance(items[-1], RowProblem) and items[-1].reason == "unreadable_file"
+    assert f"cannot be read past row {len(kept)}" in items[-1].detail
+    (tmp_path / "fake.jsonl.gz").write_text('{"x": 1}\n')
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    for name in ("fake.jsonl.gz", "bad.parquet"):
+        (problem,) = list(read_records(tmp_path / name))
+        assert problem.reason == "unreadable_file" and problem.source.endswith(name)
+
+
+def test_a_row_of_an_unforeseen_shape_is_a_problem_not_a_crash():
+    row = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok", "tool_calls": 5}]}
+    with pytest.raises(RowProblem) as info:
+        to_conversation(Record("f.jsonl", 1, row), DatasetConfig(path="f.jsonl"))
+    assert info.value.reason == "bad_field" and "tool_calls' should be a list" in str(info.value)
+    row = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}], "tools": [b"\x00"]}
+    with pytest.raises(RowProblem) as info:
+        to_conversation(Record("f.jsonl", 2, row), DatasetConfig(path="f.jsonl"))
+    assert str(info.value).startswith("f.jsonl:2: unexpected row structure")

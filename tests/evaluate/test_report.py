@@ -122,3 +122,25 @@ def test_bad_results_file_is_a_forge_error(tmp_path):
         load_results(bad)
     with pytest.raises(ForgeError, match="not found"):
         load_results(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(("models", "message"), [
+    ([{"name": "m", "harness": "abc"}], "models.0.harness: Input should be a valid dictionary"),
+    ([{"name": "m", "settings": 5}], "models.0.settings: Input should be a valid dictionary"),
+    ([{"name": "m", "perplexity": {"w": 5}}], "models.0.perplexity.w: Input should be a valid dictionary"),
+    ([{"name": "m", "harness": {"results": {"arc": 5}}}], "harness.results should map tasks to metrics"),
+])
+def test_a_hand_edited_results_file_is_refused_in_one_line(tmp_path, models, message):
+    import json
+
+    (tmp_path / "results.json").write_text(json.dumps({"models": models}))
+    with pytest.raises(ForgeError, match="not a dolphin-forge results.json") as info:
+        load_results(tmp_path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_results_are_not_written_over_a_file(tmp_path):
+    target = tmp_path / "results.json"
+    target.write_text("{}")
+    with pytest.raises(ForgeError, match="is a file; expected a folder"):
+        write_results([ModelEvaluation(name="m")], target)
