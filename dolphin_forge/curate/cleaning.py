@@ -24,8 +24,9 @@ from dataclasses import replace
 
 from dolphin_forge.config import CurateCleanConfig
 from dolphin_forge.curate.filters import Edits, Rejection
-from dolphin_forge.curate.language import detect_language
+from dolphin_forge.curate.language import LANGUAGE_CODES, detect_language
 from dolphin_forge.data.conversation import Conversation, Message
+from dolphin_forge.errors import ForgeError
 
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
 _UNICODE_SPACE = re.compile("[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
@@ -116,6 +117,12 @@ class Cleaner:
     def __init__(self, config: CurateCleanConfig) -> None:
         self.config = config
         self._languages = {code.lower() for code in config.languages} if config.languages else None
+        unknown = sorted((self._languages or set()) - set(LANGUAGE_CODES))
+        if unknown:  # an unknown code would reject every row as "language" and look like a data problem
+            raise ForgeError(
+                f"curate.clean.languages: {unknown[0]!r} is not a language code this filter detects; expected one of "
+                f"{', '.join(LANGUAGE_CODES)}"
+            )
 
     def __call__(self, conversation: Conversation, edits: Edits) -> Conversation | Rejection:
         cfg = self.config

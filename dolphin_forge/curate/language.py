@@ -33,6 +33,8 @@ _SCRIPTS: list[tuple[str, re.Pattern[str]]] = [
     ("hi", re.compile("[\u0900-\u097f]")),
 ]
 _WORD = re.compile(r"[^\W\d_]+")
+#: What `detect_language` can answer: the codes a `languages` list may name.
+LANGUAGE_CODES: tuple[str, ...] = (*_FUNCTION_WORDS, *(code for code, _ in _SCRIPTS), "unknown")
 
 
 def detect_language(text: str, sample_chars: int = 2000) -> str:

@@ -12,6 +12,7 @@ from dolphin_forge.curate.cleaning import Cleaner, longest_run_over, non_printab
 from dolphin_forge.curate.filters import Edits, Rejection
 from dolphin_forge.curate.language import detect_language
 from dolphin_forge.data.conversation import Conversation, Message
+from dolphin_forge.errors import ForgeError
 
 
 def chat(*turns: tuple[str, str]) -> Conversation:
@@ -129,3 +130,9 @@ def test_language_filter_uses_the_first_user_turn() -> None:
     english = chat(("user", "What is the capital of France?"), ("assistant", "Paris."))
     assert clean(french, languages=["en"]).reason == "language"
     assert isinstance(clean(english, languages=["en"]), Conversation)
+
+
+def test_a_language_the_filter_cannot_detect_is_refused():
+    with pytest.raises(ForgeError, match="curate.clean.languages: 'english' is not a language code .*expected one of en, de"):
+        Cleaner(CurateCleanConfig(languages=["en", "english"]))
+    assert Cleaner(CurateCleanConfig(languages=["EN", "zh", "unknown"]))
