@@ -110,7 +110,7 @@ class HarnessRun:
 def resolve_tasks(
     names: Sequence[str], data_dir: Path | None, hub: bool = False, num_fewshot: int | None = None
 ) -> tuple[list[TaskRequest], list[str]]:
-    """Expand suites and choose local copies; returns the runs and one note per task skipped for lack of data.
+    """Expand suites and choose local copies; returns the runs and the suite tasks skipped for lack of data.
 
     Shots: `num_fewshot` when given, else the suite's, else the task's own (as in the harness: a local copy has the
     same default as the harness task it stands for, so `arc_challenge` alone is 0-shot wherever its data comes from).
@@ -133,7 +133,7 @@ def resolve_tasks(
         elif local is not None:
             raise ForgeError(f"eval.tasks: {name} runs from local files here; set eval.data_dir (or --data-dir)")
         elif any(name in (task for task, _ in suite) for suite in SUITES.values()):
-            skipped.append(f"{name}: no local copy and the dataset hub is off (eval.hub: false): skipped")
+            skipped.append(name)
         else:
             known = ", ".join([*SUITES, *LOCAL_TASKS, "mmlu_<subject>"])
             raise ForgeError(

@@ -28,6 +28,7 @@ from dolphin_forge.evaluate.harness import (
 )
 from dolphin_forge.evaluate.perplexity import default_max_length, perplexity, use_bf16_autocast
 from dolphin_forge.evaluate.report import ModelEvaluation, load_results, write_results
+from dolphin_forge.models.default import resolve_model_path
 
 Notify = Callable[[str], None]
 
@@ -56,7 +57,6 @@ def load_for_eval(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]
     from transformers import AutoTokenizer
 
     from dolphin_forge.models.load import load_model
-    from dolphin_forge.models.default import resolve_model_path
 
     folder = resolve_model_path(path)
     model = load_model(folder, dtype=inference_dtype(), trust_remote_code=trust_remote_code).to(_device())
@@ -80,7 +80,7 @@ class EvalPlan:
 
     data_dir: Path | None
     requests: list[TaskRequest]
-    skipped: list[str]
+    skipped: list[str]  # suite tasks with no local copy while the hub is off
     files: list[Path]
 
 
@@ -95,8 +95,19 @@ def plan_evaluation(settings: EvalConfig, config_path: Path | None = None) -> Ev
         if not file.is_file():
             raise ForgeError(f"eval.perplexity_files: {file} is not a file")
     if not requests and not files:
-        raise ForgeError("eval: nothing to evaluate; set eval.tasks (or --tasks) and/or eval.perplexity_files")
+        raise ForgeError(_nothing_to_run(skipped))
     return EvalPlan(data_dir, requests, skipped, files)
+
+
+def _nothing_to_run(skipped: list[str]) -> str:
+    """Why nothing would run: tasks were asked for but all need the hub, or nothing was asked for at all."""
+    if not skipped:
+        return "eval: nothing to evaluate; set eval.tasks (or --tasks) and/or eval.perplexity_files"
+    verb = "has" if len(skipped) == 1 else "have"
+    return (
+        f"eval.tasks: {', '.join(skipped)} {verb} no local copy and eval.hub is false, so nothing is left to run "
+        "(set eval.hub: true where the dataset hub is reachable)"
+    )
 
 
 def evaluate_model(
@@ -117,8 +128,8 @@ def evaluate_model(
     """
     plan = plan_evaluation(settings, config_path)
     say = notify or (lambda _message: None)
-    for note in plan.skipped:
-        say(f"[yellow]warning:[/] {note}")
+    for task in plan.skipped:
+        say(f"[yellow]warning:[/] {task}: no local copy and the dataset hub is off (eval.hub: false): skipped")
 
     evaluation = ModelEvaluation(name=name, path=path, settings=_recorded(settings, plan.data_dir))
     for file in plan.files:
@@ -204,8 +215,11 @@ def run_eval(
     earlier = [e for path in compare for e in load_results(resolve_path(str(path), config_path))]
     out = resolve_path(settings.output_dir or str(Path(config.output_dir) / "eval"), config_path)
     evaluations: list[ModelEvaluation] = []
-    for model_path in settings.models or [config.base_model]:
-        model, tokenizer = load_for_eval(model_path, config.trust_remote_code)
+    model_paths = settings.models or [config.base_model]
+    key = "eval.models" if settings.models else "base_model"
+    folders = [resolve_model_path(path, config_path, key=key) for path in model_paths]  # all exist before a load
+    for model_path, folder in zip(model_paths, folders):
+        model, tokenizer = load_for_eval(folder, config.trust_remote_code)
         name = Path(model_path).name if model_path != "default" else "SmolLM2-135M-Instruct"
 
         def save_partial(current: ModelEvaluation) -> None:  # an interrupted run keeps every finished task

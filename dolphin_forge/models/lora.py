@@ -16,9 +16,12 @@ from typing import Any
 import torch
 
 from dolphin_forge.config import ForgeConfig
-from dolphin_forge.errors import ForgeError
+from dolphin_forge.errors import ForgeError, read_text_file
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: Any of these in an adapter folder means it carries its own tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def check_quantization_supported(config: ForgeConfig) -> None:
@@ -116,23 +119,80 @@ def is_adapter_folder(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file()
 
 
-def merge_lora(adapter_dir: Path, output_dir: Path, base_model: str | None = None) -> Path:
-    """Load the base model, apply the adapter in `adapter_dir`, merge it and save a plain HF model folder."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from dolphin_forge.models.load import load_model
-
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """`adapter_config.json` as a dict; a hand-edited or truncated file is a user mistake, not a traceback."""
+    path = adapter_dir / ADAPTER_CONFIG
     if not is_adapter_folder(adapter_dir):
         raise ForgeError(f"{adapter_dir}: not a LoRA adapter folder (no {ADAPTER_CONFIG})")
-    base = base_model or json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ForgeError(f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path is empty; pass --base-model")
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    model = load_model(base)
+    try:
+        data = json.loads(read_text_file(path, "a LoRA adapter config"))
+    except json.JSONDecodeError as exc:
+        raise ForgeError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise ForgeError(f"{path}: expected a JSON object")
+    return data
+
+
+def check_adapter_folder(adapter_dir: Path) -> dict[str, Any]:
+    """The adapter's config, once the folder is known to hold its weights too.
+
+    Without this check peft falls back to the model hub and fails on a repo id, which misleads about the cause.
+    """
+    settings = read_adapter_config(adapter_dir)
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise ForgeError(
+            f"{adapter_dir}: no {ADAPTER_WEIGHTS} (expected a LoRA adapter folder written by dolphin-forge train)"
+        )
+    return settings
+
+
+def adapter_tokenizer(adapter_dir: Path, base_dir: str) -> Any:
+    """The adapter's own tokenizer (training may have added tokens), else the base model's.
+
+    `train` always saves the tokenizer beside the adapter; adapters from elsewhere often carry none, and then the
+    base model's is the one the adapter was trained with.
+    """
+    from transformers import AutoTokenizer
+
+    own = any((adapter_dir / name).is_file() for name in TOKENIZER_FILES)
+    source = adapter_dir if own else Path(base_dir)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ForgeError(f"{source}: cannot load a tokenizer: {str(exc).strip().splitlines()[0]}") from None
+
+
+def apply_adapter(model: torch.nn.Module, adapter_dir: Path, base_dir: str) -> Any:
+    """`model` with the adapter loaded; a corrupt weights file or an adapter made for another base is one line."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    except SafetensorError as exc:
+        weights = adapter_dir / ADAPTER_WEIGHTS
+        raise ForgeError(f"{weights}: not a readable safetensors file (truncated or corrupt: {exc})") from None
+    except RuntimeError as exc:  # torch lists every mismatching tensor on its own line: name the first
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = next((line for line in lines if "mismatch" in line), lines[0] if lines else type(exc).__name__)
+        raise ForgeError(f"{adapter_dir}: the adapter does not fit the base model {base_dir} ({first})") from None
+
+
+def merge_lora(adapter_dir: Path, output_dir: Path, base_model: str | None = None) -> Path:
+    """Load the base model, apply the adapter in `adapter_dir`, merge it and save a plain HF model folder."""
+    from dolphin_forge.models.default import resolve_model_path
+    from dolphin_forge.models.load import load_model
+
+    recorded = check_adapter_folder(adapter_dir).get("base_model_name_or_path")
+    where = f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path"
+    if not base_model and not (isinstance(recorded, str) and recorded):
+        raise ForgeError(f"{where} is empty or not a folder name; pass --base-model")
+    base_dir = resolve_model_path(base_model or recorded, key="--base-model" if base_model else where)
+    tokenizer = adapter_tokenizer(adapter_dir, base_dir)
+    model = load_model(base_dir)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    merged = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).merge_and_unload()
+    merged = apply_adapter(model, adapter_dir, base_dir).merge_and_unload()
     generation = adapter_dir / "generation_config.json"
     if generation.is_file():
         from transformers import GenerationConfig

@@ -12,10 +12,10 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from dolphin_forge.errors import ForgeError
 
@@ -23,6 +23,14 @@ INDEX_FILE = "model.safetensors.index.json"
 
 #: `model.layers.12.mlp.down_proj.weight` -> layer 12, module type `mlp.down_proj`.
 _LAYER_WEIGHT = re.compile(r"^.*?\.(?P<layer>\d+)\.(?P<type>.+)\.weight$")
+
+
+def open_safetensors(file: Path) -> Any:
+    """`safe_open` on one weights file; a truncated or damaged one (an interrupted copy) is a user error."""
+    try:
+        return safe_open(file, framework="pt")
+    except SafetensorError as exc:
+        raise ForgeError(f"{file}: not a readable safetensors file (truncated or corrupt: {exc})") from None
 
 
 def is_module_type(module_type: str, wanted: str) -> bool:
@@ -54,11 +62,7 @@ class Checkpoint:
             raise ForgeError(f"model: {self.folder} is not a folder")
         index = self.folder / INDEX_FILE
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError):
-                raise ForgeError(f"{index}: expected a JSON object with a `weight_map`") from None
-            return {name: self.folder / file for name, file in weight_map.items()}
+            return self._indexed_files(index)
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             found = sorted(p.name for p in self.folder.glob("*.bin"))
@@ -66,16 +70,26 @@ class Checkpoint:
             raise ForgeError(f"model: {self.folder} has no .safetensors weights{hint}")
         names: dict[str, Path] = {}
         for file in files:
-            with safe_open(file, framework="pt") as handle:
+            with open_safetensors(file) as handle:
                 names.update({name: file for name in handle.keys()})
         return names
+
+    def _indexed_files(self, index: Path) -> dict[str, Path]:
+        """The index's `weight_map`, checked: a hand-edited index must not fail deep inside the scan."""
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise ForgeError(f"{index}: expected a JSON object with a `weight_map`") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
+            raise ForgeError(f"{index}: weight_map should map tensor names to files")
+        return {name: self.folder / file for name, file in weight_map.items()}
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
         for file in sorted(set(self.files.values())):
             if not file.is_file():
                 raise ForgeError(f"model: {file} is listed in {INDEX_FILE} but missing")
-            with safe_open(file, framework="pt") as handle:
+            with open_safetensors(file) as handle:
                 for name in handle.keys():
                     shapes[name] = tuple(handle.get_slice(name).get_shape())
         return shapes

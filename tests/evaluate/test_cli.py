@@ -96,3 +96,28 @@ def test_missing_local_data_is_a_one_line_error(tmp_path, tiny_model_dir):
     assert isinstance(result.exception, ForgeError)
     assert str(result.exception).startswith("winogrande: cannot load its data:")
     assert "dev.jsonl" in str(result.exception) and "\n" not in str(result.exception)
+
+
+@pytest.mark.parametrize("data_dir", [False, True])
+def test_tasks_that_all_need_the_hub_say_so_instead_of_nothing_to_evaluate(tmp_path, data_dir):
+    config = tmp_path / "eval.yml"
+    config.write_text(f"base_model: {tmp_path / 'no-such-model'}\noutput_dir: {tmp_path}\n")
+    args = ["eval", str(config), "--tasks", "hellaswag"] + (["--data-dir", str(tmp_path)] if data_dir else [])
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, ForgeError)
+    assert str(result.exception) == (
+        "eval.tasks: hellaswag has no local copy and eval.hub is false, so nothing is left to run "
+        "(set eval.hub: true where the dataset hub is reachable)"
+    )
+
+
+def test_a_missing_model_names_eval_models_before_any_model_is_loaded(tmp_path, tiny_model_dir):
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat. " * 30, encoding="utf-8")
+    config = tmp_path / "eval.yml"
+    config.write_text(f"base_model: {tiny_model_dir}\noutput_dir: {tmp_path / 'out'}\n")
+    args = ["eval", str(config), "--model", str(tiny_model_dir), "--model", "nonexist", "--perplexity", str(text)]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, ForgeError)
+    assert str(result.exception).startswith("eval.models: 'nonexist' is not a local folder")
+    assert not (tmp_path / "out").exists()  # the first model was not evaluated first

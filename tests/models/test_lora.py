@@ -1,0 +1,94 @@
+"""merge-lora on incomplete or hand-edited adapter folders: one line naming the file, or a sensible fallback."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dolphin_forge.errors import ForgeError
+from dolphin_forge.models.lora import merge_lora
+from tests.tiny import build_tiny_model
+
+
+@pytest.fixture
+def adapter_dir(tmp_path, tiny_model_dir, tokenizer) -> Path:
+    """A LoRA adapter on the tiny model, saved as `train` saves one (weights, config with base path, tokenizer)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM", init_lora_weights=False))
+    model.peft_config["default"].base_model_name_or_path = str(tiny_model_dir)
+    folder = tmp_path / "ad4"
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    assert "\n" not in str(exc.value)
+    return str(exc.value)
+
+
+def test_missing_weights_name_the_expected_file(adapter_dir, tmp_path):
+    (adapter_dir / "adapter_model.safetensors").unlink()
+    with pytest.raises(ForgeError) as info:
+        merge_lora(adapter_dir, tmp_path / "out")
+    assert one_line(info) == (
+        f"{adapter_dir}: no adapter_model.safetensors (expected a LoRA adapter folder written by dolphin-forge train)"
+    )
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("{bad", ":1: not valid JSON (Expecting property name enclosed in double quotes)"),
+        ("[1]", ": expected a JSON object"),
+        ('{"base_model_name_or_path": 5}', ": base_model_name_or_path is empty or not a folder name; pass "
+                                           "--base-model"),
+    ],
+)
+def test_a_malformed_adapter_config_names_the_file(adapter_dir, tmp_path, text, expected):
+    (adapter_dir / "adapter_config.json").write_text(text)
+    with pytest.raises(ForgeError) as info:
+        merge_lora(adapter_dir, tmp_path / "out")
+    assert one_line(info) == f"{adapter_dir / 'adapter_config.json'}{expected}"
+
+
+def test_a_truncated_adapter_weights_file_is_named(adapter_dir, tmp_path):
+    weights = adapter_dir / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300])
+    expected = f"{weights}: not a readable safetensors file (truncated or corrupt"
+    with pytest.raises(ForgeError, match=re.escape(expected)):
+        merge_lora(adapter_dir, tmp_path / "out")
+
+
+def test_an_adapter_for_another_base_model_is_one_line(adapter_dir, tmp_path, tokenizer):
+    other = tmp_path / "other"
+    build_tiny_model(tokenizer, hidden_size=32).save_pretrained(other, safe_serialization=True)
+    with pytest.raises(ForgeError, match=r"does not fit the base model .*other \(size mismatch for ") as info:
+        merge_lora(adapter_dir, tmp_path / "out", base_model=str(other))
+    one_line(info)
+    with pytest.raises(ForgeError, match=r"^--base-model: 'nowhere' is not a local folder"):
+        merge_lora(adapter_dir, tmp_path / "out", base_model="nowhere")
+
+
+def test_without_its_own_tokenizer_the_adapter_merges_with_the_base_models(adapter_dir, tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy2(adapter_dir / name, bare / name)
+    merged_dir = merge_lora(bare, tmp_path / "merged")
+    assert len(AutoTokenizer.from_pretrained(merged_dir)) == len(AutoTokenizer.from_pretrained(tiny_model_dir))
+    ids = torch.tensor([[5, 17, 300, 42]])
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir)(ids)
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)(ids)
+    torch.testing.assert_close(merged.logits, expected.logits, atol=1e-4, rtol=1e-4)
