@@ -29,6 +29,7 @@ from pydantic import (
 
 from dolphin_forge.errors import ForgeError, read_text_file
 
+
 def _not_a_file(value: str) -> str:
     """Caught at load: a stage would otherwise fail at its first write, for `train` after the model has loaded."""
     if Path(value).expanduser().is_file():

@@ -52,13 +52,12 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_for_eval(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+def load_for_eval(folder: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """A model folder's model (safetensors only) and its own tokenizer, on the best device."""
     from transformers import AutoTokenizer
 
     from dolphin_forge.models.load import load_model
 
-    folder = resolve_model_path(path)
     model = load_model(folder, dtype=inference_dtype(), trust_remote_code=trust_remote_code).to(_device())
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
