@@ -69,6 +69,15 @@ ROLE_ALIASES: dict[str, str] = {
 }
 
 
+def role_aliases(roles: dict[str, list[str]] | None) -> dict[str, str]:
+    """Role name (lower case) -> ChatML role: the aliases above plus a dataset's own `roles:` names."""
+    aliases = dict(ROLE_ALIASES)
+    for target, names in (roles or {}).items():
+        for name in names:
+            aliases[str(name).lower()] = target
+    return aliases
+
+
 class DatasetConfig(BaseModel):
     """One entry of ``datasets:``; both Axolotl forms (legacy ``sharegpt`` and ``chat_template``) are accepted."""
 
@@ -117,8 +126,8 @@ class DatasetConfig(BaseModel):
     @classmethod
     def _trained_roles_known(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
         """A typo here (`asisstant`) would otherwise train nothing at all and only show up as a flat loss."""
-        mapped = {str(name).lower() for names in (info.data.get("roles") or {}).values() for name in names}
-        unknown = [role for role in value or [] if str(role).lower() not in {*ROLE_ALIASES, *mapped}]
+        aliases = role_aliases(info.data.get("roles"))
+        unknown = [role for role in value or [] if str(role).lower() not in aliases]
         if unknown:
             raise ValueError(
                 f"unknown role {unknown[0]!r}: expected system, user, assistant or tool, a ShareGPT name such as "

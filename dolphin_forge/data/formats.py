@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dolphin_forge.config import ROLE_ALIASES, DatasetConfig
+from dolphin_forge.config import DatasetConfig, role_aliases
 from dolphin_forge.data.conversation import (
     Conversation,
     Message,
@@ -272,17 +272,9 @@ def _alpaca(data: dict[str, Any]) -> list[Message]:
     return messages
 
 
-def _role_aliases(dataset: DatasetConfig) -> dict[str, str]:
-    aliases = dict(ROLE_ALIASES)
-    for target, names in (dataset.roles or {}).items():
-        for name in names:
-            aliases[str(name).lower()] = target
-    return aliases
-
-
 def trained_roles(dataset: DatasetConfig) -> list[str]:
     """The ChatML roles `roles_to_train` names: Axolotl configs use ShareGPT names (`gpt`) and `roles:` names too."""
-    aliases = _role_aliases(dataset)
+    aliases = role_aliases(dataset.roles)
     roles = {aliases[str(role).lower()] for role in dataset.roles_to_train or ["assistant"]}
     return sorted("assistant" if role == "tool_call" else role for role in roles)
 
@@ -294,7 +286,7 @@ def to_conversation(record: Record, dataset: DatasetConfig) -> Conversation:
         if dataset.type == "alpaca":
             messages = _alpaca(data)
         else:
-            aliases = _role_aliases(dataset)
+            aliases = role_aliases(dataset.roles)
             if dataset.type == "sharegpt":
                 field_name, role_key, content_key = dataset.field_messages or "conversations", "from", "value"
             else:  # chat_template / openai / messages

@@ -101,17 +101,17 @@ def _dataset_paths(config: ForgeConfig, config_path: Path | None) -> list[Path]:
     return [resolve_path(d.path, config_path) for d in config.datasets]
 
 
-def _input_files(config: ForgeConfig, config_path: Path | None) -> list[Path]:
+def _dataset_files(config: ForgeConfig, config_path: Path | None) -> list[tuple[DatasetConfig, Path]]:
+    """Every input file with the dataset entry it belongs to."""
     paths = _dataset_paths(config, config_path)
-    return [f for d, path in zip(config.datasets, paths, strict=True) for f in list_data_files(path, d.data_files)]
+    return [(d, f) for d, path in zip(config.datasets, paths, strict=True) for f in list_data_files(path, d.data_files)]
 
 
 def cache_key(config: ForgeConfig, config_path: Path | None) -> str:
     files = []
-    for dataset, path in zip(config.datasets, _dataset_paths(config, config_path), strict=True):
-        for file in list_data_files(path, dataset.data_files):
-            stat = file.stat()
-            files.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns, dataset.model_dump(mode="json")])
+    for dataset, file in _dataset_files(config, config_path):
+        stat = file.stat()
+        files.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns, dataset.model_dump(mode="json")])
     inputs = {
         "version": FORMAT_VERSION,
         "files": files,
@@ -365,7 +365,7 @@ def preprocess(
     started = time.perf_counter()
     processes = processes or config.dataset_processes or (os.cpu_count() or 1)
     with _progress(progress) as bar:
-        files = _input_files(config, config_path)  # listed once: folders may hold many files
+        files = [file for _, file in _dataset_files(config, config_path)]  # listed once: folders may be big
         use_pool = processes > 1 and _input_bytes(files) >= POOL_MIN_BYTES
         samples, tally = _encode_all(config, config_path, tokenizer, processes if use_pool else 1, bar, files)
     if not samples.lengths.size:
