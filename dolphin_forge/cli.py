@@ -6,6 +6,7 @@ Every stage command takes a config file and any number of overrides written as o
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,8 +21,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="The Dolphin 
 models_app = typer.Typer(no_args_is_help=True, help="The embedded default model and model utilities.")
 app.add_typer(models_app, name="models")
 
-console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+PIPED_WIDTH = 200
+
+
+def _console(stderr: bool) -> Console:
+    """rich draws for 80 columns when output is not a terminal; CI logs and `| tee` would get tables cut short."""
+    made = Console(stderr=stderr, soft_wrap=True)
+    if not made.is_terminal and "COLUMNS" not in os.environ:
+        made.width = PIPED_WIDTH
+    return made
+
+
+console = _console(stderr=True)
+out = _console(stderr=False)
 
 STAGE = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -168,6 +180,8 @@ def spectrum(
     out.print(f"snr json: {result.json}\nheat map: {result.heatmap}\nunfrozen_parameters: {result.fragment}")
     if result.merged_config is not None:
         out.print(f"merged into: {result.merged_config}")
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 @app.command(context_settings=STAGE)
@@ -266,11 +280,20 @@ def _int_option(name: str, value: str) -> int:
 
 def main() -> None:
     try:
-        app()
+        status = app(standalone_mode=False)  # click's own errors come back here instead of as a boxed message
     except ForgeError as exc:
         for line in str(exc).splitlines():
             console.print(f"[red]error:[/] {escape(line)}", highlight=False)  # `[gpu]` is text
         sys.exit(2)
+    except typer.TyperException as exc:  # click's usage errors (typer ships click inside)
+        message, ctx = exc.format_message(), getattr(exc, "ctx", None)
+        if message.strip():
+            where = f"{ctx.command_path}: " if ctx is not None else ""
+            console.print(f"[red]error:[/] {escape(where + message)}", highlight=False)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 if __name__ == "__main__":

@@ -430,9 +430,11 @@ class ForgeConfig(BaseModel):
     eval_steps: int | None = Field(default=None, gt=0)
     saves_per_epoch: int | None = Field(default=None, gt=0)
     save_steps: int | None = Field(default=None, gt=0)
+    save_strategy: Literal["no", "epoch", "steps"] | None = None
     save_total_limit: int | None = Field(default=None, gt=0)
     resume_from_checkpoint: str | None = None
     early_stopping_patience: int | None = Field(default=None, gt=0)
+    load_best_model_at_end: bool | None = None
     deepspeed: str | None = None
     fsdp: list[str] | str | None = None
     fsdp_config: dict[str, Any] | None = None
@@ -467,9 +469,21 @@ class ForgeConfig(BaseModel):
             raise ValueError("load_in_4bit/load_in_8bit: quantised loading needs `adapter: qlora` or `adapter: lora`")
         if self.adapter and self.unfrozen_parameters:
             raise ValueError("adapter and unfrozen_parameters: LoRA trains adapters, not chosen weights; set one")
+        if self.save_steps and self.save_strategy not in (None, "steps"):
+            raise ValueError(f"save_strategy: {self.save_strategy!r} contradicts save_steps; set 'steps' or drop one")
+        if self.save_strategy == "steps" and not self.save_steps:
+            raise ValueError("save_strategy: 'steps' needs save_steps")
         return self
 
     # derived values ---------------------------------------------------------------------------------------------
+
+    @property
+    def keeps_best_weights(self) -> bool:
+        """Whether training ends with the weights of its best validation loss. Axolotl turns HF's
+        `load_best_model_at_end` on with early stopping (HF requires it there); `false` opts out."""
+        if self.load_best_model_at_end is not None:
+            return self.load_best_model_at_end
+        return bool(self.early_stopping_patience)
 
     def unknown_keys(self) -> list[str]:
         """Keys nothing reads: top-level ones, then those inside `datasets` and `curate.sources` entries."""

@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 forge=.venv/bin/dolphin-forge
+# train and laser refuse to overwrite an earlier run's output; the demo owns these folders, so a rerun starts clean
+rm -rf out/curated out/demo-sft out/spectrum-demo out/dolphin-2.6-laser-smollm2 out/eval-demo
 
 echo "== validate: the dolphin-2.9 seed config, verbatim from its model card"
 # It loads; its model and datasets are not on this machine, which validate reports with status 1 (2: invalid config).

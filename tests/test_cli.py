@@ -35,7 +35,7 @@ def test_a_negative_debug_count_is_refused_before_preprocessing(tmp_path, count)
 def test_errors_are_printed_as_text_so_bracketed_words_survive(monkeypatch, capsys):
     from dolphin_forge import cli
 
-    def failing() -> None:
+    def failing(**kwargs) -> None:
         raise ForgeError("deepspeed: `pip install 'dolphin-forge[gpu]'`; a row range [start:end] must end after it starts")
 
     monkeypatch.setattr(cli, "app", failing)
@@ -45,3 +45,36 @@ def test_errors_are_printed_as_text_so_bracketed_words_survive(monkeypatch, caps
     assert info.value.code == 2
     printed = capsys.readouterr().err.replace("\n", "")
     assert "dolphin-forge[gpu]" in printed and "[start:end]" in printed
+
+
+def test_tables_are_not_cut_at_80_columns_when_output_is_piped(tmp_path):
+    """rich falls back to 80 columns without a terminal, which wraps or cuts table cells in a CI log."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "input": "", "output": "b"}\n')
+    config = tmp_path / "c.yml"
+    config.write_text(f"datasets:\n  - path: {data}\n    type: alpaca\n")
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    result = subprocess.run([sys.executable, "-m", "dolphin_forge.cli", "validate", str(config)],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "known after `preprocess` (needs the row count)" in result.stdout  # one table cell, on one line
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["preprocess", "c.yml", "--debug", "abc"], "Invalid value for '--debug'"),
+    (["no-such-stage"], "No such command 'no-such-stage'."),
+    (["validate"], "Missing argument 'config'."),
+])
+def test_command_line_mistakes_are_one_line(tmp_path, args, expected):
+    import subprocess
+    import sys
+
+    (tmp_path / "c.yml").write_text("base_model: default\n")
+    result = subprocess.run([sys.executable, "-m", "dolphin_forge.cli", *args], cwd=tmp_path, capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr

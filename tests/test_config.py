@@ -255,3 +255,13 @@ def test_a_bad_value_from_an_override_names_the_flag_and_one_from_the_file_names
         "--eval.batch-size 0: expected a whole number >= 1, or auto",
         f"{path}:2: sequence_len = -1: expected a number > 0",
     ]
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"save_strategy": "no", "save_steps": 5}, "save_strategy: 'no' contradicts save_steps; set 'steps' or drop one"),
+    ({"save_strategy": "steps"}, "save_strategy: 'steps' needs save_steps"),
+    ({"save_strategy": "best"}, "save_strategy = 'best': expected one of 'no', 'epoch' or 'steps'"),
+])
+def test_save_strategy_is_checked_against_save_steps(data, message):
+    with pytest.raises(ForgeError, match=re.escape(message)):
+        load_config(data=data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,7 +20,10 @@ from safetensors import SafetensorError, safe_open
 
 from dolphin_forge.errors import ForgeError
 
+SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+#: safetensors' names of the floating-point dtypes a model can be saved back in.
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 #: `model.layers.12.mlp.down_proj.weight` -> layer 12, module type `mlp.down_proj`.
 _LAYER_WEIGHT = re.compile(r"^.*?\.(?P<layer>\d+)\.(?P<type>.+)\.weight$")
@@ -63,15 +67,21 @@ class Checkpoint:
         self.folder = Path(folder)
         self.key = key
         self.files = self._tensor_files()
-        self.shapes = self._shapes()
+        self.shapes, self.dtypes = self._headers()
 
     def _tensor_files(self) -> dict[str, Path]:
+        """Transformers' order: `model.safetensors`, else the index, else the other `*.safetensors` files.
+
+        Mistral folders also ship `consolidated*.safetensors`, the same weights under other names: never read.
+        """
         if not self.folder.is_dir():
             raise ForgeError(f"{self.key}: {self.folder} is not a folder")
-        index = self.folder / INDEX_FILE
-        if index.is_file():
+        single, index = self.folder / SINGLE_FILE, self.folder / INDEX_FILE
+        if index.is_file() and not single.is_file():
             return self._indexed_files(index)
-        files = sorted(self.folder.glob("*.safetensors"))
+        files = [single] if single.is_file() else sorted(
+            p for p in self.folder.glob("*.safetensors") if not p.name.startswith("consolidated")
+        )
         if not files:
             found = sorted(p.name for p in self.folder.glob("*.bin"))
             hint = f" (found {', '.join(found)}: pickled weights are not read; convert them to safetensors)" if found else ""
@@ -92,15 +102,26 @@ class Checkpoint:
             raise ForgeError(f"{index}: weight_map should map tensor names to files")
         return {name: self.folder / file for name, file in weight_map.items()}
 
-    def _shapes(self) -> dict[str, tuple[int, ...]]:
+    def _headers(self) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+        """Each tensor's shape and safetensors dtype (`BF16`, ...), from the file headers: no weight is read."""
         shapes: dict[str, tuple[int, ...]] = {}
+        dtypes: dict[str, str] = {}
         for file in sorted(set(self.files.values())):
             if not file.is_file():
                 raise ForgeError(f"{self.key}: {file} is listed in {INDEX_FILE} but missing")
             with open_safetensors(file) as handle:
                 for name in handle.keys():
-                    shapes[name] = tuple(handle.get_slice(name).get_shape())
-        return shapes
+                    part = handle.get_slice(name)
+                    shapes[name], dtypes[name] = tuple(part.get_shape()), part.get_dtype()
+        return shapes, dtypes
+
+    def weight_dtype(self) -> torch.dtype | None:
+        """The floating-point dtype most 2-D weights are stored in: what config.json should declare but may not."""
+        stored = Counter(
+            _FLOAT_DTYPES[dtype] for name, dtype in self.dtypes.items()
+            if len(self.shapes[name]) == 2 and dtype in _FLOAT_DTYPES
+        )
+        return stored.most_common(1)[0][0] if stored else None
 
     def read_blocks(self, name: str, size: int, dim: int) -> Iterator[torch.Tensor]:
         """A 2-D tensor in consecutive blocks of `size` rows (dim 0) or columns (dim 1), each read on its own.

@@ -29,7 +29,7 @@ import torch
 from dolphin_forge.config import LaserConfig
 from dolphin_forge.errors import ForgeError
 from dolphin_forge.evaluate.perplexity import PerplexityResult, perplexity_of_ids
-from dolphin_forge.spectral.checkpoint import is_module_type, layer_weight_type
+from dolphin_forge.spectral.checkpoint import LayerMatrix, is_module_type, layer_weight_type
 from dolphin_forge.spectral.prefix_cache import PrefixCachedLM, decoder_layers
 from dolphin_forge.spectral.scan import MatrixSpectrum
 from dolphin_forge.spectral.snr import gram, is_tall
@@ -128,11 +128,12 @@ def order_candidates(matrices: list[MatrixSpectrum], order: str, module_types: l
     return sorted(matrices, key=lambda m: (m.snr, m.module))
 
 
-def check_loaded_names(model: Any, candidates: list[MatrixSpectrum], stored_types: list[str]) -> None:
+def check_loaded_names(model: Any, candidates: list[LayerMatrix], stored_types: list[str]) -> None:
     """Every candidate must be a weight of the model as transformers loaded it, or the search stops on a KeyError.
 
     Candidates are named after the checkpoint's tensors, and transformers loads some under other names: it fuses a
-    Mixtral layer's experts (`block_sparse_moe.experts.0.w1`, ...) into one 3-D `mlp.experts.gate_up_proj`.
+    Mixtral layer's experts (`block_sparse_moe.experts.0.w1`, ...) into one 3-D `mlp.experts.gate_up_proj`. Run on
+    the matrices chosen for the SNR scan, before it, so that such a model fails in seconds rather than after it.
     """
     params = dict(model.named_parameters())
     missing = [c.module for c in candidates if f"{c.module}.weight" not in params]

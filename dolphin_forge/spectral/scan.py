@@ -113,9 +113,20 @@ def scan_model(
 
     Error messages name the config section (`spectrum` or `laser`) and the `key` the folder came from.
     """
-    start = time.perf_counter()
     checkpoint = Checkpoint(model_dir, key)
     matrices = checkpoint.layer_matrices(module_types, layers, section=section)
+    return scan_matrices(checkpoint, matrices, mode, workers, progress)
+
+
+def scan_matrices(
+    checkpoint: Checkpoint,
+    matrices: list[LayerMatrix],
+    mode: ThresholdMode = "marchenko_pastur",
+    workers: int = 1,
+    progress: bool = False,
+) -> SpectrumScan:
+    """Scan matrices already chosen: the stages check their choice first, since a scan can take an hour."""
+    start = time.perf_counter()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     workers = 1 if device.type == "cuda" else workers
     results: list[MatrixSpectrum] = []
@@ -128,7 +139,7 @@ def scan_model(
             results.append(result)
             bar.advance(task)
     return SpectrumScan(
-        model=str(model_dir),
+        model=str(checkpoint.folder),
         threshold=mode,
         matrices=results,
         embedding_tensors=checkpoint.embedding_tensors(),
@@ -137,9 +148,14 @@ def scan_model(
     )
 
 
+def selected_count(total: int, top_percent: float) -> int:
+    """How many of a type's `total` matrices are kept: the reference tool's floor, so a small share can keep none."""
+    return int(total * top_percent / 100)
+
+
 def select_top(scan: SpectrumScan, top_percent: float) -> dict[str, list[MatrixSpectrum]]:
     """Per module type, the highest-SNR `top_percent` of its matrices (reference rounding: floor)."""
-    return {t: group[: int(len(group) * top_percent / 100)] for t, group in scan.by_type().items()}
+    return {t: group[: selected_count(len(group), top_percent)] for t, group in scan.by_type().items()}
 
 
 def write_scan_json(scan: SpectrumScan, path: Path) -> None:

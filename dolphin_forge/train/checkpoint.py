@@ -7,6 +7,9 @@ A checkpoint is a folder ``checkpoint-<step>`` in the output folder holding:
 * ``rng-<rank>.safetensors`` + ``rng-<rank>.json``: each process's torch (CPU and CUDA), numpy and Python RNG states;
 * ``state.json``: the step, the scheduler, early-stopping bookkeeping. It is written last.
 
+When the run keeps its best weights (`load_best_model_at_end`, on with early stopping), ``best-weights/`` holds
+the trainable weights of the best validation loss so far and the step they come from, written the same way.
+
 Everything is written into ``.tmp-checkpoint-<step>`` and renamed into place, so a process killed at any moment
 leaves either a complete checkpoint or a temporary folder that `latest_checkpoint` ignores (and the next save
 removes). A checkpoint being replaced is first renamed aside, and one being pruned loses its ``state.json`` first,
@@ -30,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from dolphin_forge.errors import ForgeError
 
 PREFIX = "checkpoint-"
+BEST = "best-weights"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -151,7 +155,6 @@ def save_checkpoint(
     """Write checkpoint `step` atomically (all processes call this; each writes its own RNG file)."""
     final = output_dir / f"{PREFIX}{step}"
     tmp = output_dir / f".tmp-{PREFIX}{step}"
-    aside = output_dir / f".tmp-{PREFIX}{step}.old"
     if is_main:
         for stale in output_dir.glob(f".tmp-{PREFIX}*"):  # left by saves that were killed half way
             shutil.rmtree(stale, ignore_errors=True)
@@ -168,16 +171,46 @@ def save_checkpoint(
     barrier()
     if is_main:
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=float))
-        if final.exists():
-            final.rename(aside)
-        tmp.rename(final)
-        shutil.rmtree(aside, ignore_errors=True)
+        _move_into_place(tmp, final)
         if keep is not None:
             for old in checkpoints(output_dir)[:-keep]:
                 (old / "state.json").unlink()
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Replace `final` by the complete folder `tmp`: at every moment one of the two is whole."""
+    aside = tmp.with_name(tmp.name + ".old")
+    if final.exists():
+        final.rename(aside)
+    tmp.rename(final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def save_best_weights(output_dir: Path, step: int, val_loss: float, trainable: dict[str, torch.Tensor]) -> None:
+    """Keep the trainable weights of a new best validation loss (main process only), atomically."""
+    tmp = output_dir / f".tmp-{BEST}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
+    _move_into_place(tmp, output_dir / BEST)
+
+
+def load_best_weights(output_dir: Path, model: torch.nn.Module, step: int) -> bool:
+    """Put the weights kept at `step` back into `model`; False (model untouched) when the folder holds another
+    step's, e.g. one written after the checkpoint a resumed run started from, so stale weights are never used."""
+    folder = output_dir / BEST
+    saved = json.loads((folder / "state.json").read_text()) if (folder / "state.json").is_file() else {}
+    if saved.get("step") != step:
+        return False
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(str(folder / "trainable.safetensors")).items():
+            params[name].copy_(value)
+    return True
 
 
 def _check_same_setup(

@@ -216,8 +216,8 @@ class SFTRecipe:
         config, acc = self.config, self.accelerator
         main = acc.is_main_process
         resume = ckpt.resolve_resume(config.resume_from_checkpoint, self.output_dir)
-        state: dict[str, Any] = {"best_val": None, "bad_evals": 0, "val_losses": [], "train_losses": [], "tokens": 0,
-                                 "trained_tokens": 0, "seconds": 0.0}
+        state: dict[str, Any] = {"best_val": None, "bad_evals": 0, "best": None, "val_losses": [], "train_losses": [],
+                                 "tokens": 0, "trained_tokens": 0, "seconds": 0.0}
         step = 0
         if resume is not None and self._sharded:
             raise ForgeError(
@@ -238,7 +238,9 @@ class SFTRecipe:
                 self.console.print(f"[yellow]warning:[/] {escape(warning)}")
 
         eval_every = self._every(config.eval_steps, config.evals_per_epoch)
-        save_every = self._every(config.save_steps, config.saves_per_epoch)
+        # as Axolotl: without save_steps or saves_per_epoch a checkpoint ends every epoch; `save_strategy: no` opts out
+        saves = config.saves_per_epoch or 1
+        save_every = self._every(config.save_steps, saves) if config.save_strategy != "no" else None
         if self.val_rows is not None and step == 0:
             self._evaluate(0, state)
         stopped = "completed"
@@ -373,6 +375,11 @@ class SFTRecipe:
             state["best_val"], state["bad_evals"] = loss, 0
         elif step > 0:
             state["bad_evals"] += 1
+        if step > 0 and (state["best"] is None or loss < state["best"][1]):
+            state["best"] = [step, loss]
+            keep = self.config.keeps_best_weights and acc.is_main_process and not self._sharded
+            if keep and step < self.total_steps:  # the last step's weights are the output anyway
+                ckpt.save_best_weights(self.output_dir, step, loss, self._trainable_state())
         patience = self.config.early_stopping_patience
         return bool(patience and state["bad_evals"] >= patience)
 
@@ -397,6 +404,8 @@ class SFTRecipe:
         acc = self.accelerator
         acc.wait_for_everyone()
         model = self._unwrapped
+        keep = self.config.keeps_best_weights and acc.is_main_process
+        weights_step = self._restore_best(step, state["best"]) if keep else step
         state_dict = acc.get_state_dict(self.model)
         summary = {
             "mode": self.mode,
@@ -411,6 +420,9 @@ class SFTRecipe:
             "first_train_loss": state["train_losses"][0] if state["train_losses"] else None,
             "last_train_loss": state["train_losses"][-1] if state["train_losses"] else None,
             "val_losses": state["val_losses"],
+            "best_step": state["best"][0] if state["best"] else None,
+            "best_val_loss": state["best"][1] if state["best"] else None,
+            "weights_from_step": weights_step,
             "tokens": state["tokens"],
             "trained_tokens": state["trained_tokens"],
             "train_seconds": state["seconds"],
@@ -444,6 +456,20 @@ class SFTRecipe:
             val_losses=[tuple(v) for v in state["val_losses"]],
             summary=summary,
         )
+
+    def _restore_best(self, step: int, best: list | None) -> int:
+        """The step whose weights go into the output: the best validation loss's when the run keeps them."""
+        if best is None or best[0] == step:
+            return step
+        if not self._sharded and ckpt.load_best_weights(self.output_dir, self._unwrapped, best[0]):
+            return best[0]
+        why = "under FSDP/DeepSpeed they are not kept yet" if self._sharded else f"{ckpt.BEST}/ holds another step's"
+        if self.console:
+            self.console.print(
+                f"[yellow]warning:[/] load_best_model_at_end: the best validation loss was at step {best[0]} but "
+                f"{escape(why)}; the output holds the weights of step {step}"
+            )
+        return step
 
     # --- printing ------------------------------------------------------------------------------------------------
 
@@ -495,12 +521,16 @@ class SFTRecipe:
             table.add_row(key, f"{value:,.4f}" if isinstance(value, float) else str(value))
         for step, loss in summary["val_losses"]:
             table.add_row(f"val_loss @ step {step}", f"{loss:.4f}")
+        if summary["weights_from_step"] != summary["steps"]:
+            table.add_row("weights from step (best val_loss)", str(summary["weights_from_step"]))
         self.console.print(table)
         self.console.print(f"model written to {self.output_dir}")
 
 
 def check_early_stopping(config: ForgeConfig, val_rows: Any) -> None:
     """Early stopping without validation losses during the run would never trigger: say so instead of ignoring it."""
+    if config.load_best_model_at_end and (val_rows is None or len(val_rows) == 0):
+        raise ForgeError("load_best_model_at_end: needs a validation split; set val_set_size > 0 or drop the key")
     if not config.early_stopping_patience:
         return
     if val_rows is None or len(val_rows) == 0:

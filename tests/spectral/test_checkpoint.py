@@ -5,12 +5,16 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from dolphin_forge.config import load_config
 from dolphin_forge.errors import ForgeError
 from dolphin_forge.spectral.checkpoint import Checkpoint
 from dolphin_forge.spectral.stages import run_laser, run_spectrum
 from tests.tiny import build_tiny_model
+
+SHARD = "model-00001-of-00001.safetensors"  # a shard name: the index is read only without a model.safetensors
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +33,9 @@ def test_a_truncated_safetensors_file_names_the_file(tmp_path, weights):
 
 
 def test_a_truncated_shard_listed_in_the_index_names_the_shard(tmp_path, weights):
-    (tmp_path / "model.safetensors").write_bytes(weights[:100])
-    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": "model.safetensors"}}')
-    with pytest.raises(ForgeError, match=re.escape(f"{tmp_path / 'model.safetensors'}: not a readable safetensors")):
+    (tmp_path / SHARD).write_bytes(weights[:100])
+    (tmp_path / "model.safetensors.index.json").write_text(f'{{"weight_map": {{"lm_head.weight": "{SHARD}"}}}}')
+    with pytest.raises(ForgeError, match=re.escape(f"{tmp_path / SHARD}: not a readable safetensors")):
         Checkpoint(tmp_path)
 
 
@@ -45,10 +49,31 @@ def test_a_truncated_shard_listed_in_the_index_names_the_shard(tmp_path, weights
     ],
 )
 def test_a_malformed_index_names_the_index(tmp_path, weights, index, expected):
-    (tmp_path / "model.safetensors").write_bytes(weights)
+    (tmp_path / SHARD).write_bytes(weights)
     (tmp_path / "model.safetensors.index.json").write_text(index)
     with pytest.raises(ForgeError, match=re.escape(f"{tmp_path / 'model.safetensors.index.json'}: {expected}")):
         Checkpoint(tmp_path)
+
+
+def test_a_single_model_file_wins_over_a_stale_index(tmp_path, weights):
+    """transformers loads `model.safetensors` first; an index left over from a sharded save must not be read."""
+    (tmp_path / "model.safetensors").write_bytes(weights)
+    (tmp_path / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}'
+    )
+    checkpoint = Checkpoint(tmp_path)
+    assert set(checkpoint.files.values()) == {tmp_path / "model.safetensors"}
+    assert "model.layers.1.mlp.down_proj.weight" in checkpoint.shapes
+
+
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "weights.safetensors"])
+def test_mistral_consolidated_weights_are_not_read(tmp_path, weights, weights_file):
+    """Mistral folders ship `consolidated.safetensors` beside the HF files: the same weights under other names."""
+    (tmp_path / weights_file).write_bytes(weights)
+    save_file({"layers.0.attention.wq.weight": torch.zeros(4, 4)}, tmp_path / "consolidated.safetensors")
+    checkpoint = Checkpoint(tmp_path)
+    assert set(checkpoint.files.values()) == {tmp_path / weights_file}
+    assert "attention.wq" not in checkpoint.layer_types() and "mlp.down_proj" in checkpoint.layer_types()
 
 
 def test_the_stages_name_their_own_model_key(tmp_path):

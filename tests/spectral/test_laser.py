@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -16,6 +18,7 @@ from dolphin_forge.errors import ForgeError
 from dolphin_forge.evaluate.perplexity import perplexity_of_ids, tokenize_text
 from dolphin_forge.models.load import load_model
 from dolphin_forge.spectral import laser as laser_module
+from dolphin_forge.spectral import stages
 from dolphin_forge.spectral.laser import Scorer, laser_search, low_rank, order_candidates
 from dolphin_forge.spectral.report import laser_summary
 from dolphin_forge.spectral.scan import scan_model
@@ -297,7 +300,11 @@ def test_a_laser_model_without_a_tokenizer_is_named_as_laser_model(tmp_path, tin
         run_laser(load_config(data={"base_model": str(bare), "output_dir": str(tmp_path)}).config)
 
 
-def test_weights_that_transformers_renames_on_load_are_a_clear_laser_error(tmp_path, tokenizer):
+def no_scan(*args, **kwargs):
+    raise AssertionError("scanned first")
+
+
+def test_weights_that_transformers_renames_on_load_are_a_clear_laser_error(tmp_path, tokenizer, monkeypatch):
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -312,5 +319,59 @@ def test_weights_that_transformers_renames_on_load_are_a_clear_laser_error(tmp_p
     expected = (r"^laser\.module_types: 4 of 4 matrices, e\.g\. model\.layers\.\d\.block_sparse_moe\.experts\.\d\."
                 r"w1\.weight, are not weights of the model as .*: "
                 r"self_attn\.k_proj, self_attn\.o_proj, self_attn\.q_proj, self_attn\.v_proj$")
+    monkeypatch.setattr(stages, "scan_matrices", no_scan)  # fails fast: before the SNR scan, not after it
     with pytest.raises(ForgeError, match=expected):
         run_laser(load_config(data=data).config)
+
+
+class Loaded(Exception):
+    """Raised in place of loading the tokenizer: the output folder was accepted."""
+
+
+def test_laser_refuses_an_output_folder_holding_a_model_before_loading(tmp_path, tiny_model_dir, monkeypatch):
+    def load_tokenizer(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(stages, "load_tokenizer", load_tokenizer)
+    base = {"base_model": str(tiny_model_dir), "output_dir": str(tmp_path / "out")}
+    saved = tmp_path / "out" / "laser" / "model"
+    saved.mkdir(parents=True)
+    with pytest.raises(Loaded):  # an empty folder is fine
+        run_laser(load_config(data=base).config)
+    (saved / "config.json").write_text("{}")
+    refused = "already holds a model; choose another folder or remove it$"
+    with pytest.raises(ForgeError, match=rf"^output_dir: {re.escape(str(saved))} {refused}"):
+        run_laser(load_config(data=base).config)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(ForgeError, match=rf"^laser\.output_dir: {re.escape(str(mine))} {refused}"):
+        run_laser(load_config(data={**base, "laser": {"output_dir": str(mine)}}).config)
+    with pytest.raises(Loaded):  # a folder that does not exist yet is fine
+        run_laser(load_config(data={**base, "laser": {"output_dir": str(tmp_path / "new")}}).config)
+
+
+def test_laser_refuses_to_write_into_its_input_model(tmp_path, tiny_model_dir):
+    into = "would write into the input model"
+    inside = {"base_model": str(tiny_model_dir), "laser": {"output_dir": str(tiny_model_dir)}}
+    with pytest.raises(ForgeError, match=rf"^laser\.output_dir: {re.escape(str(tiny_model_dir))} {into}"):
+        run_laser(load_config(data=inside).config)
+    again = tmp_path / "out" / "laser" / "model"  # laser run again on its own output, same output_dir
+    shutil.copytree(tiny_model_dir, again)
+    expected = rf"^output_dir: {re.escape(str(again.parent))} {into} {re.escape(str(again))}; choose another folder$"
+    with pytest.raises(ForgeError, match=expected):
+        run_laser(load_config(data={"base_model": str(again), "output_dir": str(tmp_path / "out")}).config)
+
+
+def test_a_bf16_model_whose_config_declares_no_dtype_is_saved_in_bf16(tmp_path, tokenizer):
+    source = tmp_path / "bf16"
+    build_tiny_model(tokenizer, seed=2).to(torch.bfloat16).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    declared = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({k: v for k, v in declared.items() if "dtype" not in k}))
+    text = tmp_path / "text.txt"
+    text.write_text(own_text())
+    laser = {"eval_file": str(text), "search_tokens": 64, "max_length": 32, "batch_size": 2, "max_attempts": 1}
+    config = load_config(data={"base_model": str(source), "output_dir": str(tmp_path / "out"), "laser": laser}).config
+    outputs = run_laser(config)
+    assert {t.dtype for t in load_file(outputs.model_dir / "model.safetensors").values()} == {torch.bfloat16}

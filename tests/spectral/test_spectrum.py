@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from dolphin_forge.config import load_config
@@ -239,7 +239,7 @@ def test_write_config_is_checked_before_the_scan(four_layer_dir, tmp_path, monke
     def no_scan(*args, **kwargs):
         raise AssertionError("scanned before checking --write-config")
 
-    monkeypatch.setattr(stages, "scan_model", no_scan)
+    monkeypatch.setattr(stages, "scan_matrices", no_scan)
     (tmp_path / "list.yml").write_text("- a\n")
     config = load_config(data={"base_model": str(four_layer_dir), "output_dir": str(tmp_path / "out")}).config
     with pytest.raises(ForgeError, match=rf"^--write-config: {tmp_path / target}: {expected}$"):
@@ -254,3 +254,39 @@ def test_write_config_in_a_read_only_folder_is_refused_up_front(tmp_path, monkey
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
     with pytest.raises(ForgeError, match=rf"its folder {tmp_path} is not writable"):
         read_merge_target(config)
+
+
+@pytest.fixture(scope="module")
+def uneven_dir(tmp_path_factory) -> Path:
+    """Four down_proj matrices but two q_proj: a share can keep some of one type and none of the other."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(24, 16, generator=generator) for i in range(4)}
+    tensors |= {f"model.layers.{i}.self_attn.q_proj.weight": torch.randn(16, 16, generator=generator) for i in (0, 1)}
+    folder = tmp_path_factory.mktemp("uneven")
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+def test_a_share_that_keeps_no_matrix_of_a_type_warns_and_of_any_type_is_refused(uneven_dir, tmp_path, monkeypatch):
+    from dolphin_forge.spectral import stages
+
+    spectrum = {"module_types": ["mlp.down_proj", "self_attn.q_proj"], "top_percent": 30}
+    data = {"base_model": str(uneven_dir), "output_dir": str(tmp_path), "spectrum": spectrum}
+    outputs = stages.run_spectrum(load_config(data=data).config)
+    assert outputs.warnings == [
+        "spectrum.top_percent = 30 selects no matrix of self_attn.q_proj; 50 or more selects one of each module type"
+    ]
+    assert {t: len(group) for t, group in select_top(outputs.scan, 30).items()} == {
+        "mlp.down_proj": 1, "self_attn.q_proj": 0  # the reference count is unchanged
+    }
+    assert stages.run_spectrum(load_config(data=data).config, top_percent=50).warnings == []
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("scanned before checking the share")
+
+    monkeypatch.setattr(stages, "scan_matrices", no_scan)
+    expected = r"selects no matrix of any module type; expected 50 or more \(one of each\)$"
+    with pytest.raises(ForgeError, match=rf"^--top-percent 20: {expected}"):
+        stages.run_spectrum(load_config(data=data).config, top_percent=20)
+    with pytest.raises(ForgeError, match=rf"^spectrum\.top_percent = 20: {expected}"):
+        stages.run_spectrum(load_config(data={**data, "spectrum": {**spectrum, "top_percent": 20}}).config)

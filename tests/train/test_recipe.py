@@ -181,3 +181,55 @@ def test_per_epoch_intervals_never_run_more_often_than_asked(steps_per_epoch, to
     assert SFTRecipe._every(recipe, None, per_epoch) == every
     assert SFTRecipe._every(recipe, 5, per_epoch) == 5  # eval_steps / save_steps win
     assert SFTRecipe._every(recipe, None, None) is None
+
+
+def _output_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("keep_best", [None, False])
+def test_early_stopping_ends_with_the_best_weights_unless_told_not_to(tiny_model_dir, tmp_path, monkeypatch, keep_best):
+    """As Axolotl (HF's load_best_model_at_end, which it turns on with early stopping): the output is step 2's."""
+    import dolphin_forge.evaluate.perplexity as perplexity
+
+    losses = iter([5.0, 4.0, 3.0, 3.5, 3.6])
+    monkeypatch.setattr(perplexity, "validation_loss", lambda model, rows, batch_size: next(losses))
+    rows = random_rows(4, 49152, seed=1)
+    config = tiny_config(tiny_model_dir, tmp_path / "out", max_steps=10, eval_steps=1, early_stopping_patience=2,
+                         load_best_model_at_end=keep_best)
+    result = train(config, train_rows=rows, val_rows=rows[:1])
+    assert result.steps == 4 and result.summary["best_step"] == 2
+    expected_step = 2 if keep_best is None else 4
+    assert result.summary["weights_from_step"] == expected_step
+    reference = train(tiny_config(tiny_model_dir, tmp_path / "ref", max_steps=expected_step), train_rows=rows)
+    other = train(tiny_config(tiny_model_dir, tmp_path / "other", max_steps=6 - expected_step), train_rows=rows)
+    got, want, not_want = (_output_weights(r) for r in (result.output_dir, reference.output_dir, other.output_dir))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)
+    assert any(not torch.equal(got[name], not_want[name]) for name in want)
+
+
+def test_best_weights_of_another_step_are_not_used(tiny_model_dir, tmp_path):
+    """A resumed run may find best-weights/ written after its checkpoint by the killed run: never load those."""
+    from dolphin_forge.models.load import load_model
+    from dolphin_forge.train import checkpoint as ckpt
+
+    model = load_model(tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    changed = {n: torch.full_like(p, 0.5) for n, p in model.named_parameters()}
+    ckpt.save_best_weights(tmp_path, 7, 1.0, changed)
+    assert not ckpt.load_best_weights(tmp_path, model, 5)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert ckpt.load_best_weights(tmp_path, model, 7)
+    assert all(torch.equal(p, changed[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize(("keys", "saved"), [({}, ["checkpoint-2", "checkpoint-4"]), ({"save_strategy": "no"}, [])])
+def test_a_checkpoint_ends_every_epoch_unless_saving_is_off(tiny_model_dir, tmp_path, keys, saved):
+    rows = random_rows(4, 49152, seed=1)
+    config = tiny_config(tiny_model_dir, tmp_path / "out", num_epochs=3, micro_batch_size=2, **keys)
+    result = train(config, train_rows=rows)
+    assert result.steps == 6
+    assert sorted(p.name for p in result.output_dir.glob("checkpoint-*")) == saved
