@@ -471,6 +471,9 @@ class ForgeConfig(BaseModel):
             raise ValueError("adapter and unfrozen_parameters: LoRA trains adapters, not chosen weights; set one")
         if self.save_steps and self.save_strategy not in (None, "steps"):
             raise ValueError(f"save_strategy: {self.save_strategy!r} contradicts save_steps; set 'steps' or drop one")
+        allowed_per_epoch = {"no": (None,), "epoch": (None, 1)}.get(self.save_strategy or "")
+        if allowed_per_epoch is not None and self.saves_per_epoch not in allowed_per_epoch:
+            raise ValueError(f"save_strategy: {self.save_strategy!r} contradicts saves_per_epoch; drop one")
         if self.save_strategy == "steps" and not self.save_steps:
             raise ValueError("save_strategy: 'steps' needs save_steps")
         return self

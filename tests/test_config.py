@@ -261,7 +261,13 @@ def test_a_bad_value_from_an_override_names_the_flag_and_one_from_the_file_names
     ({"save_strategy": "no", "save_steps": 5}, "save_strategy: 'no' contradicts save_steps; set 'steps' or drop one"),
     ({"save_strategy": "steps"}, "save_strategy: 'steps' needs save_steps"),
     ({"save_strategy": "best"}, "save_strategy = 'best': expected one of 'no', 'epoch' or 'steps'"),
+    ({"save_strategy": "no", "saves_per_epoch": 2}, "save_strategy: 'no' contradicts saves_per_epoch; drop one"),
+    ({"save_strategy": "epoch", "saves_per_epoch": 4}, "save_strategy: 'epoch' contradicts saves_per_epoch; drop one"),
 ])
 def test_save_strategy_is_checked_against_save_steps(data, message):
     with pytest.raises(ForgeError, match=re.escape(message)):
         load_config(data=data)
+
+
+def test_save_strategy_epoch_with_one_save_per_epoch_agrees():
+    assert load_config(data={"save_strategy": "epoch", "saves_per_epoch": 1}).config.saves_per_epoch == 1

@@ -83,8 +83,13 @@ class Checkpoint:
             p for p in self.folder.glob("*.safetensors") if not p.name.startswith("consolidated")
         )
         if not files:
-            found = sorted(p.name for p in self.folder.glob("*.bin"))
-            hint = f" (found {', '.join(found)}: pickled weights are not read; convert them to safetensors)" if found else ""
+            pickled = sorted(p.name for p in self.folder.glob("*.bin"))
+            consolidated = sorted(p.name for p in self.folder.glob("consolidated*.safetensors"))
+            hint = (
+                f" (found {', '.join(pickled)}: pickled weights are not read; convert them to safetensors)" if pickled
+                else f" in Hugging Face layout (found {', '.join(consolidated)}: Mistral's own format; use the HF "
+                "conversion of the model)" if consolidated else ""
+            )
             raise ForgeError(f"{self.key}: {self.folder} has no .safetensors weights{hint}")
         names: dict[str, Path] = {}
         for file in files:

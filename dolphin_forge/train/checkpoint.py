@@ -3,12 +3,13 @@
 A checkpoint is a folder ``checkpoint-<step>`` in the output folder holding:
 
 * ``trainable.safetensors``: every trainable parameter (the frozen ones are re-created from the base model);
-* ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensors and its scalar settings;
+* ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensors and its scalar settings (not under
+  FSDP/DeepSpeed, whose optimizer state is sharded: there a checkpoint holds the weights only and cannot be resumed);
 * ``rng-<rank>.safetensors`` + ``rng-<rank>.json``: each process's torch (CPU and CUDA), numpy and Python RNG states;
 * ``state.json``: the step, the scheduler, early-stopping bookkeeping. It is written last.
 
 When the run keeps its best weights (`load_best_model_at_end`, on with early stopping), ``best-weights/`` holds
-the trainable weights of the best validation loss so far and the step they come from, written the same way.
+the trainable weights of the best validation loss so far, the step and the run they come from, written the same way.
 
 Everything is written into ``.tmp-checkpoint-<step>`` and renamed into place, so a process killed at any moment
 leaves either a complete checkpoint or a temporary folder that `latest_checkpoint` ignores (and the next save
@@ -137,7 +138,13 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
         state.setdefault(int(index), {})[name] = value
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # which kernel runs (fused, foreach) is this run's choice, not the checkpoint's: a resumed run computes as before
+    kernels = ("fused", "foreach", "capturable", "differentiable")
+    groups = [
+        {**saved, **{k: group[k] for k in kernels if k in group}}
+        for saved, group in zip(meta["param_groups"], optimizer.param_groups)
+    ]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def save_checkpoint(
@@ -145,7 +152,7 @@ def save_checkpoint(
     step: int,
     *,
     trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
     rank: int,
     is_main: bool,
@@ -165,9 +172,10 @@ def save_checkpoint(
     (tmp / f"rng-{rank}.json").write_text(json.dumps(meta))
     if is_main:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        opt_tensors, opt_meta = _optimizer_files(optimizer)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+        if optimizer is not None:
+            opt_tensors, opt_meta = _optimizer_files(optimizer)
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
     barrier()
     if is_main:
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=float))
@@ -183,34 +191,37 @@ def save_checkpoint(
 def _move_into_place(tmp: Path, final: Path) -> None:
     """Replace `final` by the complete folder `tmp`: at every moment one of the two is whole."""
     aside = tmp.with_name(tmp.name + ".old")
+    shutil.rmtree(aside, ignore_errors=True)  # left by a replace that was killed half way
     if final.exists():
         final.rename(aside)
     tmp.rename(final)
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def save_best_weights(output_dir: Path, step: int, val_loss: float, trainable: dict[str, torch.Tensor]) -> None:
+def save_best_weights(
+    output_dir: Path, step: int, val_loss: float, trainable: dict[str, torch.Tensor], run_id: str
+) -> None:
     """Keep the trainable weights of a new best validation loss (main process only), atomically."""
     tmp = output_dir / f".tmp-{BEST}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "val_loss": val_loss, "run": run_id}))
     _move_into_place(tmp, output_dir / BEST)
 
 
-def load_best_weights(output_dir: Path, model: torch.nn.Module, step: int) -> bool:
-    """Put the weights kept at `step` back into `model`; False (model untouched) when the folder holds another
-    step's, e.g. one written after the checkpoint a resumed run started from, so stale weights are never used."""
-    folder = output_dir / BEST
-    saved = json.loads((folder / "state.json").read_text()) if (folder / "state.json").is_file() else {}
-    if saved.get("step") != step:
-        return False
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in load_file(str(folder / "trainable.safetensors")).items():
-            params[name].copy_(value)
-    return True
+def load_best_weights(folders: list[Path], model: torch.nn.Module, step: int, run_id: str) -> Path | None:
+    """Put the weights this run kept at `step` back into `model`, from the first of `folders` holding them; None
+    (model untouched) when none does, so another run's or another step's weights are never used."""
+    for folder in (f / BEST for f in folders):
+        saved = json.loads((folder / "state.json").read_text()) if (folder / "state.json").is_file() else {}
+        if saved.get("step") == step and saved.get("run") == run_id:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in load_file(str(folder / "trainable.safetensors")).items():
+                    params[name].copy_(value)
+            return folder
+    return None
 
 
 def _check_same_setup(
@@ -248,6 +259,11 @@ def load_checkpoint(
     folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int
 ) -> dict[str, Any]:
     """Restore trainable weights, optimizer and this process's RNG from `folder`; returns its `state.json`."""
+    if not (folder / "optimizer.json").is_file():
+        raise ForgeError(
+            f"resume_from_checkpoint: {folder} holds weights only (an FSDP/DeepSpeed run's checkpoint: their optimizer "
+            "state is sharded), so it cannot be resumed"
+        )
     weights = load_file(str(folder / "trainable.safetensors"))
     params = dict(model.named_parameters())
     opt_meta = json.loads((folder / "optimizer.json").read_text())

@@ -23,7 +23,9 @@ import contextlib
 import json
 import math
 import resource
+import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,7 +219,8 @@ class SFTRecipe:
         main = acc.is_main_process
         resume = ckpt.resolve_resume(config.resume_from_checkpoint, self.output_dir)
         state: dict[str, Any] = {"best_val": None, "bad_evals": 0, "best": None, "val_losses": [], "train_losses": [],
-                                 "tokens": 0, "trained_tokens": 0, "seconds": 0.0}
+                                 "tokens": 0, "trained_tokens": 0, "seconds": 0.0, "run": uuid.uuid4().hex}
+        self.resumed_from = resume
         step = 0
         if resume is not None and self._sharded:
             raise ForgeError(
@@ -379,7 +382,7 @@ class SFTRecipe:
             state["best"] = [step, loss]
             keep = self.config.keeps_best_weights and acc.is_main_process and not self._sharded
             if keep and step < self.total_steps:  # the last step's weights are the output anyway
-                ckpt.save_best_weights(self.output_dir, step, loss, self._trainable_state())
+                ckpt.save_best_weights(self.output_dir, step, loss, self._trainable_state(), state["run"])
         patience = self.config.early_stopping_patience
         return bool(patience and state["bad_evals"] >= patience)
 
@@ -389,7 +392,7 @@ class SFTRecipe:
             self.output_dir,
             step,
             trainable=self._trainable_state(),
-            optimizer=self.optimizer,
+            optimizer=None if self._sharded else self.optimizer,  # sharded state: weights only, see train/checkpoint
             state={**state, "scheduler": self.scheduler.state_dict()},
             rank=acc.process_index,
             is_main=acc.is_main_process,
@@ -405,7 +408,7 @@ class SFTRecipe:
         acc.wait_for_everyone()
         model = self._unwrapped
         keep = self.config.keeps_best_weights and acc.is_main_process
-        weights_step = self._restore_best(step, state["best"]) if keep else step
+        weights_step = self._restore_best(step, state["best"], state["run"]) if keep else step
         state_dict = acc.get_state_dict(self.model)
         summary = {
             "mode": self.mode,
@@ -443,6 +446,7 @@ class SFTRecipe:
                 model.generation_config.save_pretrained(out)
             else:
                 model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+            shutil.rmtree(out / ckpt.BEST, ignore_errors=True)  # served its purpose: the output holds them now
             self.tokenizer.save_pretrained(out)
             (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
             if self.console:
@@ -457,13 +461,17 @@ class SFTRecipe:
             summary=summary,
         )
 
-    def _restore_best(self, step: int, best: list | None) -> int:
-        """The step whose weights go into the output: the best validation loss's when the run keeps them."""
+    def _restore_best(self, step: int, best: list | None, run: str) -> int:
+        """The step whose weights go into the output: the best validation loss's when the run keeps them (looked for
+        in output_dir, then beside the checkpoint this run resumed from, if that lies elsewhere)."""
         if best is None or best[0] == step:
             return step
-        if not self._sharded and ckpt.load_best_weights(self.output_dir, self._unwrapped, best[0]):
+        folders = [self.output_dir]
+        if self.resumed_from is not None and self.resumed_from.parent.resolve() != self.output_dir.resolve():
+            folders.append(self.resumed_from.parent)
+        if not self._sharded and ckpt.load_best_weights(folders, self._unwrapped, best[0], run):
             return best[0]
-        why = "under FSDP/DeepSpeed they are not kept yet" if self._sharded else f"{ckpt.BEST}/ holds another step's"
+        why = "under FSDP/DeepSpeed they are not kept yet" if self._sharded else f"no {ckpt.BEST}/ holds them"
         if self.console:
             self.console.print(
                 f"[yellow]warning:[/] load_best_model_at_end: the best validation loss was at step {best[0]} but "
@@ -524,6 +532,11 @@ class SFTRecipe:
         if summary["weights_from_step"] != summary["steps"]:
             table.add_row("weights from step (best val_loss)", str(summary["weights_from_step"]))
         self.console.print(table)
+        first, best = (summary["val_losses"] or [[None, None]])[0], summary["best_val_loss"]
+        if first[0] == 0 and best is not None and first[1] <= best:
+            self.console.print(
+                f"[yellow]warning:[/] validation loss never went below the base model's ({first[1]:.4f} at step 0)"
+            )
         self.console.print(f"model written to {self.output_dir}")
 
 
@@ -531,6 +544,8 @@ def check_early_stopping(config: ForgeConfig, val_rows: Any) -> None:
     """Early stopping without validation losses during the run would never trigger: say so instead of ignoring it."""
     if config.load_best_model_at_end and (val_rows is None or len(val_rows) == 0):
         raise ForgeError("load_best_model_at_end: needs a validation split; set val_set_size > 0 or drop the key")
+    if config.load_best_model_at_end and not (config.eval_steps or config.evals_per_epoch):
+        raise ForgeError("load_best_model_at_end: needs evaluations during the run; set eval_steps or evals_per_epoch")
     if not config.early_stopping_patience:
         return
     if val_rows is None or len(val_rows) == 0:

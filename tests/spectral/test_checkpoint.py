@@ -76,6 +76,12 @@ def test_mistral_consolidated_weights_are_not_read(tmp_path, weights, weights_fi
     assert "attention.wq" not in checkpoint.layer_types() and "mlp.down_proj" in checkpoint.layer_types()
 
 
+def test_a_folder_with_only_mistral_consolidated_weights_says_so(tmp_path):
+    save_file({"layers.0.attention.wq.weight": torch.zeros(4, 4)}, tmp_path / "consolidated.safetensors")
+    with pytest.raises(ForgeError, match=r"has no \.safetensors weights in Hugging Face layout \(found consolidated"):
+        Checkpoint(tmp_path)
+
+
 def test_the_stages_name_their_own_model_key(tmp_path):
     config = load_config(data={"output_dir": str(tmp_path), "spectrum": {"model": "nonexist"},
                                 "laser": {"model": "nonexist"}}).config

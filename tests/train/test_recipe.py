@@ -201,6 +201,7 @@ def test_early_stopping_ends_with_the_best_weights_unless_told_not_to(tiny_model
                          load_best_model_at_end=keep_best)
     result = train(config, train_rows=rows, val_rows=rows[:1])
     assert result.steps == 4 and result.summary["best_step"] == 2
+    assert not (result.output_dir / "best-weights").exists()  # the output holds them; no second copy is left
     expected_step = 2 if keep_best is None else 4
     assert result.summary["weights_from_step"] == expected_step
     reference = train(tiny_config(tiny_model_dir, tmp_path / "ref", max_steps=expected_step), train_rows=rows)
@@ -211,19 +212,34 @@ def test_early_stopping_ends_with_the_best_weights_unless_told_not_to(tiny_model
     assert any(not torch.equal(got[name], not_want[name]) for name in want)
 
 
-def test_best_weights_of_another_step_are_not_used(tiny_model_dir, tmp_path):
-    """A resumed run may find best-weights/ written after its checkpoint by the killed run: never load those."""
+def test_best_weights_of_another_step_or_run_are_not_used(tiny_model_dir, tmp_path):
+    """A resumed run may find best-weights/ written after its checkpoint by the killed run, or an unrelated run's
+    in its output_dir: never load those. A resumed run's own may lie beside the checkpoint it came from."""
     from dolphin_forge.models.load import load_model
     from dolphin_forge.train import checkpoint as ckpt
 
     model = load_model(tiny_model_dir)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     changed = {n: torch.full_like(p, 0.5) for n, p in model.named_parameters()}
-    ckpt.save_best_weights(tmp_path, 7, 1.0, changed)
-    assert not ckpt.load_best_weights(tmp_path, model, 5)
+    ours, earlier = tmp_path / "out", tmp_path / "earlier"
+    ckpt.save_best_weights(ours, 7, 1.0, changed, "run-a")
+    assert ckpt.load_best_weights([ours], model, 5, "run-a") is None
+    assert ckpt.load_best_weights([ours], model, 7, "run-b") is None
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    assert ckpt.load_best_weights(tmp_path, model, 7)
+    (earlier / ".tmp-best-weights.old").mkdir(parents=True)  # a replace killed half way leaves this behind
+    (earlier / ".tmp-best-weights.old" / "trainable.safetensors").write_bytes(b"")
+    ckpt.save_best_weights(earlier, 7, 1.0, changed, "run-b")
+    assert ckpt.load_best_weights([ours, earlier], model, 7, "run-b") == earlier / ckpt.BEST
     assert all(torch.equal(p, changed[n]) for n, p in model.named_parameters())
+
+
+def test_load_best_model_at_end_needs_evaluations(tiny_model_dir, tmp_path):
+    from dolphin_forge.errors import ForgeError
+
+    rows = random_rows(4, 49152, seed=1)
+    config = tiny_config(tiny_model_dir, tmp_path / "out", max_steps=2, load_best_model_at_end=True)
+    with pytest.raises(ForgeError, match="^load_best_model_at_end: needs evaluations during the run; set eval_steps"):
+        train(config, train_rows=rows, val_rows=rows[:1])
 
 
 @pytest.mark.parametrize(("keys", "saved"), [({}, ["checkpoint-2", "checkpoint-4"]), ({"save_strategy": "no"}, [])])

@@ -191,3 +191,29 @@ def test_resume_with_a_changed_config_names_the_key(tiny_model_dir, tmp_path, fi
     with pytest.raises(ForgeError,
                        match=f"resume_from_checkpoint: .*checkpoint-1 was written with a different config: {named}"):
         train(changed, train_rows=rows)
+
+
+def test_a_weights_only_checkpoint_of_a_sharded_run_is_refused_on_resume(tmp_path):
+    """FSDP/DeepSpeed optimizer state is sharded: their checkpoints hold weights only and must not half-resume."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight])
+    folder = ckpt.save_checkpoint(tmp_path, 1, trainable={"w": weight}, optimizer=None, state={}, rank=0,
+                                  is_main=True, barrier=lambda: None)
+    assert not (folder / "optimizer.json").exists() and (folder / "trainable.safetensors").is_file()
+    refused = r"^resume_from_checkpoint: .*checkpoint-1 holds weights only .* cannot be resumed"
+    with pytest.raises(ForgeError, match=refused):
+        ckpt.load_checkpoint(folder, torch.nn.Module(), optimizer, 0)
+
+
+def test_resuming_keeps_this_runs_optimizer_kernel(tmp_path):
+    """A checkpoint from an unfused AdamW must not switch the resumed run off the fused kernel (or back on)."""
+    model = torch.nn.Linear(3, 3)
+    unfused = torch.optim.AdamW(model.parameters(), fused=False)
+    model(torch.ones(1, 3)).sum().backward()
+    unfused.step()
+    folder = ckpt.save_checkpoint(tmp_path, 1, trainable=dict(model.named_parameters()), optimizer=unfused, state={},
+                                  rank=0, is_main=True, barrier=lambda: None)
+    fused = torch.optim.AdamW(model.parameters(), fused=True)
+    ckpt.load_checkpoint(folder, model, fused, 0)
+    assert fused.param_groups[0]["fused"] is True
+    assert torch.equal(fused.state[model.weight]["exp_avg"], unfused.state[model.weight]["exp_avg"])
