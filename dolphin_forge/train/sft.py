@@ -23,7 +23,6 @@ import contextlib
 import json
 import math
 import resource
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -232,6 +231,8 @@ class SFTRecipe:
             step = saved.pop("step")
             self.scheduler.load_state_dict(saved.pop("scheduler"))
             state.update(saved)
+            if "run" not in saved:  # written before runs had an id; its best-weights/ has none either
+                state["run"] = None
             if main and self.console:
                 self.console.print(f"resumed from {resume} at step {step}")
         self.sink = MetricsSink(self.output_dir, config, enabled=main, resumed_step=step)
@@ -446,7 +447,6 @@ class SFTRecipe:
                 model.generation_config.save_pretrained(out)
             else:
                 model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-            shutil.rmtree(out / ckpt.BEST, ignore_errors=True)  # served its purpose: the output holds them now
             self.tokenizer.save_pretrained(out)
             (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
             if self.console:
