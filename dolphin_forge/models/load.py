@@ -18,12 +18,12 @@ from dolphin_forge.models.default import CHATML_TEMPLATE, resolve_model_path
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
-#: Any of these in a folder means it carries a tokenizer of its own.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+#: Any of these in a folder means it carries a tokenizer of its own (what preprocessing hashes is another list).
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+    return any((folder / name).is_file() for name in TOKENIZER_MARKERS)
 
 
 def open_tokenizer(folder: str | Path, key: str, trust_remote_code: bool = False) -> Any:
@@ -34,7 +34,7 @@ def open_tokenizer(folder: str | Path, key: str, trust_remote_code: bool = False
     from transformers import AutoTokenizer
 
     if Path(folder).is_dir() and not has_tokenizer(Path(folder)):
-        raise ForgeError(f"{key}: {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+        raise ForgeError(f"{key}: {folder} has no tokenizer (none of {', '.join(TOKENIZER_MARKERS)})")
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

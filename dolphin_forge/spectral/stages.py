@@ -20,7 +20,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dolphin_forge.config import ForgeConfig, resolve_path
-from dolphin_forge.errors import ForgeError
+from dolphin_forge.errors import ForgeError, read_text_file
 from dolphin_forge.evaluate.perplexity import PerplexityResult, perplexity_of_ids, tokenize_text
 from dolphin_forge.models.default import resolve_model_path
 from dolphin_forge.models.load import load_model, load_tokenizer
@@ -132,9 +132,9 @@ def _eval_ids(config: ForgeConfig, config_path: Path | None, tokenizer: Any) -> 
     if not path.is_file():
         raise ForgeError(f"laser.eval_file: {path} not found")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ForgeError(f"laser.eval_file: {path} is not UTF-8 text (byte {exc.start})") from None
+        text = read_text_file(path, "plain UTF-8 text to score changes on")
+    except ForgeError as exc:
+        raise ForgeError(f"laser.eval_file: {exc}") from None
     needed = settings.search_tokens + settings.heldout_tokens
     ids = tokenize_text(tokenizer, text, max_tokens=needed)
     if ids.numel() < needed:

@@ -541,17 +541,14 @@ class SFTRecipe:
 
 
 def check_early_stopping(config: ForgeConfig, val_rows: Any) -> None:
-    """Early stopping without validation losses during the run would never trigger: say so instead of ignoring it."""
-    if config.load_best_model_at_end and (val_rows is None or len(val_rows) == 0):
-        raise ForgeError("load_best_model_at_end: needs a validation split; set val_set_size > 0 or drop the key")
-    if config.load_best_model_at_end and not (config.eval_steps or config.evals_per_epoch):
-        raise ForgeError("load_best_model_at_end: needs evaluations during the run; set eval_steps or evals_per_epoch")
-    if not config.early_stopping_patience:
-        return
-    if val_rows is None or len(val_rows) == 0:
-        raise ForgeError("early_stopping_patience: needs a validation split; set val_set_size > 0 or drop the key")
-    if not (config.eval_steps or config.evals_per_epoch):
-        raise ForgeError("early_stopping_patience: needs evaluations during the run; set eval_steps or evals_per_epoch")
+    """Early stopping and best weights without validation losses during the run would do nothing: say so instead."""
+    for key in ("load_best_model_at_end", "early_stopping_patience"):
+        if not getattr(config, key):
+            continue
+        if val_rows is None or len(val_rows) == 0:
+            raise ForgeError(f"{key}: needs a validation split; set val_set_size > 0 or drop the key")
+        if not (config.eval_steps or config.evals_per_epoch):
+            raise ForgeError(f"{key}: needs evaluations during the run; set eval_steps or evals_per_epoch")
 
 
 def train(

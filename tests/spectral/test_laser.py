@@ -375,3 +375,11 @@ def test_a_bf16_model_whose_config_declares_no_dtype_is_saved_in_bf16(tmp_path, 
     config = load_config(data={"base_model": str(source), "output_dir": str(tmp_path / "out"), "laser": laser}).config
     outputs = run_laser(config)
     assert {t.dtype for t in load_file(outputs.model_dir / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_an_eval_file_that_is_not_utf8_is_refused_naming_the_key(tmp_path):
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("caf\u00e9 text to score".encode("latin-1"))
+    config = load_config(data={"laser": {"eval_file": str(text)}}).config
+    with pytest.raises(ForgeError, match=rf"^laser\.eval_file: {re.escape(str(text))}: not UTF-8 text \(byte 3"):
+        stages._eval_ids(config, None, tokenizer=None)
