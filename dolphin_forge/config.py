@@ -467,6 +467,8 @@ class ForgeConfig(BaseModel):
             raise ValueError("warmup_steps and warmup_ratio: set one of them, not both")
         if self.adapter is None and (self.load_in_4bit or self.load_in_8bit):
             raise ValueError("load_in_4bit/load_in_8bit: quantised loading needs `adapter: qlora` or `adapter: lora`")
+        if self.deepspeed and self.fsdp:
+            raise ValueError("deepspeed and fsdp: both shard the model; set one of them")
         if self.adapter and self.unfrozen_parameters:
             raise ValueError("adapter and unfrozen_parameters: LoRA trains adapters, not chosen weights; set one")
         if self.save_steps and self.save_strategy not in (None, "steps"):

@@ -3,8 +3,10 @@
 A checkpoint is a folder ``checkpoint-<step>`` in the output folder holding:
 
 * ``trainable.safetensors``: every trainable parameter (the frozen ones are re-created from the base model);
-* ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensors and its scalar settings (not under
-  FSDP/DeepSpeed, whose optimizer state is sharded: there a checkpoint holds the weights only and cannot be resumed);
+* ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensors and its scalar settings. Under FSDP each
+  process writes its own shard of the optimizer's tensors, ``optimizer-<rank>.safetensors``, and the run resumes on
+  as many processes. DeepSpeed's engine keeps its optimizer state to itself: there a checkpoint holds the weights
+  only and cannot be resumed;
 * ``rng-<rank>.safetensors`` + ``rng-<rank>.json``: each process's torch (CPU and CUDA), numpy and Python RNG states;
 * ``state.json``: the step, the scheduler, early-stopping bookkeeping. It is written last.
 
@@ -118,23 +120,59 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
     random.setstate(_tupled(meta["python"]))
 
 
+def _is_dtensor(value: Any) -> bool:
+    return hasattr(value, "to_local") and hasattr(value, "device_mesh")
+
+
 def _optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The optimizer's tensors (this process's shard of each FSDP DTensor) and its JSON-able rest."""
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
+    sharded: list[str] = []
     for index, values in state["state"].items():
         for key, value in values.items():
+            if _is_dtensor(value):
+                sharded.append(f"{index}.{key}")
+                value = value.to_local()
             if torch.is_tensor(value):
                 tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
             else:
                 scalars.setdefault(str(index), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    meta: dict[str, Any] = {"param_groups": state["param_groups"], "scalars": scalars}
+    if sharded:
+        meta.update(sharded=sharded, shards=torch.distributed.get_world_size())
+    return tensors, meta
+
+
+def _as_param(value: torch.Tensor, param: torch.Tensor, is_shard: bool) -> torch.Tensor:
+    """A saved tensor shaped as `param` holds it: a DTensor on the same mesh when `param` is one (from this
+    process's saved shard, or cut from a whole tensor saved by an unsharded run)."""
+    if not _is_dtensor(param):
+        return value
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if is_shard:
+        return DTensor.from_local(value.to(param.device), param.device_mesh, param.placements, shape=param.shape,
+                                  stride=param.stride())
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def _copy_weights(params: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(_as_param(value, params[name], is_shard=False))
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict()'s index order
+    sharded = set(meta.get("sharded", []))
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
+        param = params[int(index)]
+        if value.dim() > 0 and (key in sharded or value.shape == param.shape):  # not the scalar `step`
+            value = _as_param(value, param, is_shard=key in sharded)
         state.setdefault(int(index), {})[name] = value
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
@@ -170,12 +208,16 @@ def save_checkpoint(
     tensors, meta = _rng_state()
     save_file(tensors, str(tmp / f"rng-{rank}.safetensors"))
     (tmp / f"rng-{rank}.json").write_text(json.dumps(meta))
+    if optimizer is not None:
+        opt_tensors, opt_meta = _optimizer_files(optimizer)
+        if "shards" in opt_meta:  # FSDP: every process holds a shard
+            save_file(opt_tensors, str(tmp / f"optimizer-{rank}.safetensors"))
+        elif is_main:
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        if is_main:
+            (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
     if is_main:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        if optimizer is not None:
-            opt_tensors, opt_meta = _optimizer_files(optimizer)
-            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-            (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
     barrier()
     if is_main:
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=float))
@@ -216,10 +258,7 @@ def load_best_weights(folders: list[Path], model: torch.nn.Module, step: int, ru
     for folder in (f / BEST for f in folders):
         saved = json.loads((folder / "state.json").read_text()) if (folder / "state.json").is_file() else {}
         if saved.get("step") == step and saved.get("run") == run_id:
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, value in load_file(str(folder / "trainable.safetensors")).items():
-                    params[name].copy_(value)
+            _copy_weights(dict(model.named_parameters()), load_file(str(folder / "trainable.safetensors")))
             return folder
     return None
 
@@ -255,23 +294,35 @@ def _check_same_setup(
         )
 
 
+def _optimizer_tensors(folder: Path, meta: dict[str, Any], params: dict[str, Any], rank: int, world: int) -> Path:
+    """The file holding this process's optimizer tensors; a sharded state resumes only on its own world size."""
+    shards = meta.get("shards")
+    if shards is None:
+        return folder / "optimizer.safetensors"
+    if shards != world or not any(_is_dtensor(p) for p in params.values()):
+        raise ForgeError(
+            f"resume_from_checkpoint: {folder} holds optimizer state sharded by FSDP over {shards} processes; "
+            f"resume under FSDP on {shards} processes (`torchrun --nproc_per_node {shards}`), not {world}"
+        )
+    return folder / f"optimizer-{rank}.safetensors"
+
+
 def load_checkpoint(
-    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, world: int = 1
 ) -> dict[str, Any]:
     """Restore trainable weights, optimizer and this process's RNG from `folder`; returns its `state.json`."""
     if not (folder / "optimizer.json").is_file():
         raise ForgeError(
-            f"resume_from_checkpoint: {folder} holds weights only (an FSDP/DeepSpeed run's checkpoint: their optimizer "
-            "state is sharded), so it cannot be resumed"
+            f"resume_from_checkpoint: {folder} holds weights only (a DeepSpeed run's checkpoint: its engine keeps "
+            "the optimizer state), so it cannot be resumed"
         )
     weights = load_file(str(folder / "trainable.safetensors"))
     params = dict(model.named_parameters())
     opt_meta = json.loads((folder / "optimizer.json").read_text())
     _check_same_setup(folder, weights, params, opt_meta, optimizer)
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    _load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), opt_meta)
+    optimizer_file = _optimizer_tensors(folder, opt_meta, params, rank, world)
+    _copy_weights(params, weights)
+    _load_optimizer(optimizer, load_file(str(optimizer_file)), opt_meta)
     rng = folder / f"rng-{rank}.safetensors"
     if not rng.is_file():
         rng = folder / "rng-0.safetensors"  # resumed on a different number of processes

@@ -1,18 +1,25 @@
-"""One process or many: the `Accelerator` for DDP, FSDP or DeepSpeed, chosen from the config and the launcher.
+"""One process or many: the `Accelerator` for DDP or DeepSpeed, and FSDP sharding, chosen from the config and
+the launcher.
 
 `dolphin-forge train` runs as is on one device, and under `torchrun` / `accelerate launch` it picks the world up
 from the environment (gloo on CPU, NCCL on GPU). `deepspeed:` takes an Axolotl DeepSpeed JSON whose `"auto"`
-values are filled here from the config, the way the HF Trainer fills them for Axolotl; `fsdp:` / `fsdp_config:`
-take Axolotl's FSDP keys.
+values are filled here from the config, the way the HF Trainer fills them for Axolotl.
+
+`fsdp:` / `fsdp_config:` take Axolotl's FSDP keys, and we shard with torch's own FSDP2 (`fully_shard`, one unit
+per decoder layer plus the root, as torchtune does) instead of accelerate's FSDP plugin. Why: accelerate ignores
+that plugin on a CPU and silently trains with DDP, so its FSDP path could never run where our tests run, while
+`fully_shard` runs over gloo as over NCCL; and its parameters are DTensors whose local shards we checkpoint in
+safetensors, which makes FSDP runs resumable without pickles (see `train.checkpoint`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -74,17 +81,78 @@ def read_deepspeed_config(config: ForgeConfig, config_path: Path | None) -> dict
         raise ForgeError(f"deepspeed: {path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
 
 
-def check_sharding_supported(config: ForgeConfig) -> None:
-    """FSDP shards over accelerator devices (accelerate refuses it on a CPU): say so before anything is loaded."""
-    if config.fsdp and not torch.accelerator.is_available():
+def fsdp_options(config: ForgeConfig) -> tuple[list[str], dict[str, Any]]:
+    """Axolotl's `fsdp` list (or space-separated string) and its `fsdp_config` without the `fsdp_` prefixes."""
+    options = config.fsdp if isinstance(config.fsdp, list) else str(config.fsdp or "").split()
+    return [o.lower() for o in options], {k.removeprefix("fsdp_"): v for k, v in (config.fsdp_config or {}).items()}
+
+
+def layers_to_wrap(model: torch.nn.Module, fsdp_config: dict[str, Any]) -> list[torch.nn.Module]:
+    """The modules that become FSDP units: those of the classes in `fsdp_transformer_layer_cls_to_wrap`, else of the
+    model's own `_no_split_modules` (its decoder layer), as Axolotl's transformer-based wrap policy chooses them."""
+    own: set[str] = set()
+    for module in model.modules():
+        own.update(getattr(module, "_no_split_modules", None) or [])
+    named = fsdp_config.get("transformer_layer_cls_to_wrap")
+    classes = {c.strip() for c in (named if isinstance(named, list) else str(named).split(","))} if named else own
+    layers = [m for m in model.modules() if type(m).__name__ in classes]
+    if not layers:
+        wanted, expected = " or ".join(sorted(classes)) or "layer", ", ".join(sorted(own)) or "unknown for this model"
         raise ForgeError(
-            "fsdp: FSDP needs GPUs (accelerate shards over CUDA/XPU devices) and none is available; on this machine "
-            "drop the fsdp keys and train with plain DDP instead (`torchrun --nproc_per_node N`)"
+            f"fsdp_config.fsdp_transformer_layer_cls_to_wrap: this model has no {wanted} module to wrap; "
+            f"expected its decoder layer class ({expected})"
         )
+    return layers
+
+
+def shard_model(model: torch.nn.Module, config: ForgeConfig, device: torch.device, mixed: str) -> torch.nn.Module:
+    """Shard `model` in place with FSDP2 across the launched processes; returns it (its class becomes FSDP<...>).
+
+    `full_shard` frees each layer's gathered weights after its forward, `shard_grad_op` keeps them until the backward
+    (`reshard_after_forward`); `auto_wrap` makes every decoder layer its own unit (without it the whole model is one,
+    and its peak memory is a full copy); `offload_params` keeps shards in CPU memory on a GPU machine. bf16 runs
+    gather bf16 weights and reduce gradients in float32, FSDP's form of autocast. FSDP1's tuning keys in Axolotl
+    configs (`use_orig_params`, `limit_all_gathers`, `sync_module_states`, `*_prefetch`, `state_dict_type`) have no
+    FSDP2 counterpart and change nothing: checkpoints always hold sharded optimizer state and gathered weights.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    options, fsdp_config = fsdp_options(config)
+    grad_op = "shard_grad_op" in options or str(fsdp_config.get("sharding_strategy", "")).upper() == "SHARD_GRAD_OP"
+    reshard = fsdp_config.get("reshard_after_forward")
+    kwargs: dict[str, Any] = {"reshard_after_forward": bool(reshard) if reshard is not None else not grad_op}
+    if mixed == "bf16":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if device.type != "cpu" and (fsdp_config.get("offload_params") or "offload" in options):
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    model.to(device)
+    if "auto_wrap" in options or fsdp_config.get("auto_wrap_policy"):
+        for layer in layers_to_wrap(model, fsdp_config):
+            fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: Any, accelerator: Any, sync: bool) -> Iterator[None]:
+    """Reduce gradients across processes only on the last micro-batch of a window (DDP's `no_sync`, FSDP2's
+    `set_requires_gradient_sync`); the sum over the window is the same either way, the traffic is not."""
+    if sync:
+        yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with accelerator.no_sync(model):
+            yield
 
 
 def make_accelerator(config: ForgeConfig, config_path: Path | None, mixed: str, hidden_size: int | None) -> Any:
-    """The `Accelerator` for this run (plain, DDP, FSDP or DeepSpeed)."""
+    """The `Accelerator` for this run (plain, DDP or DeepSpeed; FSDP runs shard with `shard_model` on top of a plain
+    one)."""
     from accelerate import Accelerator
 
     # cpu=True is what makes accelerate join a torchrun world over gloo when there is no GPU
@@ -102,18 +170,4 @@ def make_accelerator(config: ForgeConfig, config_path: Path | None, mixed: str, 
         # known gap: the model is loaded before this Accelerator exists, so ZeRO-3 cannot partition it while it
         # loads (zero.Init); each process holds a full copy until `prepare`
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
-    elif config.fsdp:
-        from accelerate.utils import FullyShardedDataParallelPlugin
-
-        options = config.fsdp if isinstance(config.fsdp, list) else str(config.fsdp).split()
-        fsdp_config = {k.removeprefix("fsdp_"): v for k, v in (config.fsdp_config or {}).items()}
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            sharding_strategy="SHARD_GRAD_OP" if "shard_grad_op" in options else "FULL_SHARD",
-            cpu_offload=bool(fsdp_config.get("offload_params")) or "offload" in options,
-            sync_module_states=bool(fsdp_config.get("sync_module_states", True)),
-            limit_all_gathers=bool(fsdp_config.get("limit_all_gathers", True)),
-            auto_wrap_policy="transformer_based_wrap" if "auto_wrap" in options else None,
-            use_orig_params=True,
-            state_dict_type="FULL_STATE_DICT",
-        )
     return Accelerator(**kwargs)

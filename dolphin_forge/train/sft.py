@@ -5,7 +5,8 @@ is the mean over every trained token of the whole accumulation window (and of ev
 per-micro-batch means, so 1 micro-batch of 8 rows and 8 micro-batches of 1 row give the same gradient.
 (2) A run killed at any moment and resumed ends with the same weights as an uninterrupted one: the data position
 is a pure function of the optimizer step (`batches.BatchPlan`) and checkpoints hold the RNG state. (3) Nothing is
-ever unpickled. `accelerate` does what it is good at: device placement, autocast, DDP / FSDP / DeepSpeed.
+ever unpickled. `accelerate` does what it is good at: device placement, autocast, DDP and DeepSpeed; FSDP is
+torch's own `fully_shard` (see `train.distributed` for why).
 
 Flow of `train()`: seed -> tokenizer and prepared rows -> model (resized for added tokens) -> mode (full,
 selective `unfrozen_parameters`, or LoRA) -> optimizer, schedule, accelerator -> resume -> loop over optimizer
@@ -19,7 +20,6 @@ prompt tokens and the memory of their logits.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import resource
@@ -41,7 +41,7 @@ from dolphin_forge.models.packed import restore_standard_attention
 from dolphin_forge.models.load import IM_END, add_config_tokens, base_tokenizer, load_model, new_token_rows
 from dolphin_forge.train import checkpoint as ckpt
 from dolphin_forge.train.batches import IGNORE_INDEX, BatchPlan, MicroBatch, collate
-from dolphin_forge.train.distributed import check_sharding_supported, make_accelerator
+from dolphin_forge.train.distributed import gradient_sync, make_accelerator, shard_model
 from dolphin_forge.models.hardware import matmul_peak_flops
 from dolphin_forge.train.hardware import (
     attention_implementation,
@@ -113,7 +113,6 @@ class SFTRecipe:
         config = self.config
         check_quantization_supported(config)
         check_optimizer_supported(config)
-        check_sharding_supported(config)
         if not config.resume_from_checkpoint:
             ckpt.refuse_used_output_dir(self.output_dir)
         set_seed(config.seed)
@@ -177,8 +176,19 @@ class SFTRecipe:
             seed=config.seed,
         )
         self.total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * self.plan.steps_per_epoch))
+        if config.fsdp and self.freeze.partial:
+            raise ForgeError(
+                f"unfrozen_parameters: row ranges ({', '.join(self.freeze.partial)}) cannot be trained under fsdp "
+                "(a sharded parameter's rows are spread over processes); train whole matrices, or drop the fsdp keys"
+            )
+        self.fsdp = bool(config.fsdp) and acc.num_processes > 1
+        if self.fsdp:
+            model = shard_model(model, config, acc.device, self.mixed)
         optimizer = build_optimizer(model.named_parameters(), config, self.freeze.partial)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.fsdp:  # already sharded: accelerate must not wrap it in DDP
+            self.model, self.optimizer = model, acc.prepare(optimizer)
+        else:
+            self.model, self.optimizer = acc.prepare(model, optimizer)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         self.linear_params = matmul_parameters(self._unwrapped)
         head = self._unwrapped.get_output_embeddings()
@@ -199,16 +209,25 @@ class SFTRecipe:
         return self.accelerator.unwrap_model(self.model)
 
     @property
-    def _sharded(self) -> bool:
-        """FSDP and DeepSpeed shard parameters and optimizer state across processes."""
+    def _deepspeed(self) -> bool:
+        """DeepSpeed's engine owns the sharded weights and optimizer: checkpoints hold weights only (see checkpoint)."""
         from accelerate.utils import DistributedType
 
-        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights as plain tensors (gathered from the shards under FSDP/DeepSpeed: every process
+        must call this; under FSDP only the main process receives them)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.accelerator.get_state_dict(self.model)
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         names = {n for n, p in self._unwrapped.named_parameters() if p.requires_grad}
-        if self._sharded:  # gather full tensors; every process must take part
-            return {n: t for n, t in self.accelerator.get_state_dict(self.model).items() if n in names}
+        if self.fsdp or self._deepspeed:
+            return {n: t for n, t in self._full_state_dict().items() if n in names}
         return {n: p for n, p in self._unwrapped.named_parameters() if n in names}
 
     # --- the loop ------------------------------------------------------------------------------------------------
@@ -218,16 +237,16 @@ class SFTRecipe:
         main = acc.is_main_process
         resume = ckpt.resolve_resume(config.resume_from_checkpoint, self.output_dir)
         state: dict[str, Any] = {"best_val": None, "bad_evals": 0, "best": None, "val_losses": [], "train_losses": [],
-                                 "tokens": 0, "trained_tokens": 0, "seconds": 0.0, "run": uuid.uuid4().hex}
+                                 "tokens": 0, "trained_tokens": 0, "seconds": 0.0, "run": self._run_id()}
         self.resumed_from = resume
         step = 0
-        if resume is not None and self._sharded:
+        if resume is not None and self._deepspeed:
             raise ForgeError(
-                "resume_from_checkpoint: resuming under FSDP/DeepSpeed is not supported yet (their optimizer state "
-                "is sharded); resume with plain DDP (`torchrun`, no fsdp/deepspeed keys) or start from the checkpoint"
+                "resume_from_checkpoint: resuming under DeepSpeed is not supported yet (its engine shards the "
+                "optimizer state); resume with FSDP or DDP (fsdp keys, or none), or start from the checkpoint"
             )
         if resume is not None:
-            saved = ckpt.load_checkpoint(resume, self._unwrapped, self.optimizer, acc.process_index)
+            saved = ckpt.load_checkpoint(resume, self._unwrapped, self.optimizer, acc.process_index, acc.num_processes)
             step = saved.pop("step")
             self.scheduler.load_state_dict(saved.pop("scheduler"))
             state.update(saved)
@@ -279,6 +298,12 @@ class SFTRecipe:
         self.sink.close()
         return self._finish(step, stopped, state)
 
+    def _run_id(self) -> str:
+        """One id for this run on every process (each FSDP process loads its shard of the best weights by it)."""
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([uuid.uuid4().hex])[0] if self.accelerator.num_processes > 1 else uuid.uuid4().hex
+
     def _every(self, steps: int | None, per_epoch: int | None) -> int | None:
         """Steps between evals (or saves): `per_epoch` of them per epoch, rounded up as the HF Trainer rounds
         Axolotl's fractions, never more often than asked; a run shorter than an epoch spreads them over the run."""
@@ -308,7 +333,7 @@ class SFTRecipe:
         for index, batch in enumerate(batches):
             sync = index == len(batches) - 1
             acc.sync_gradients = sync  # as `accelerate.accumulate()` sets it: DeepSpeed steps its engine only when True
-            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+            with gradient_sync(self.model, acc, sync):
                 summed, head_positions = summed_token_loss(self.model, batch.to(device))
                 if self.config.gradient_checkpointing:
                     release_freed_host_memory(device)
@@ -330,7 +355,8 @@ class SFTRecipe:
         # the norm is measured even without clipping (an infinite limit clips nothing): a finite loss can still come
         # with non-finite gradients, and stepping on them would turn every weight into NaN
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = float(self.accelerator.clip_grad_norm_(trainable, config.max_grad_norm or math.inf))
+        norm = self.accelerator.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
         if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm)):
             self._stop_on_nan(step, state, values["loss"], grad_norm)
         lr = self.scheduler.get_last_lr()[0]
@@ -362,14 +388,11 @@ class SFTRecipe:
 
     def _evaluate(self, step: int, state: dict[str, Any]) -> bool:
         """Validation loss; returns True when early stopping says to stop."""
-        from accelerate.utils import DistributedType
-
         from dolphin_forge.evaluate.perplexity import validation_loss
 
         acc = self.accelerator
-        model = self.model if acc.distributed_type == DistributedType.FSDP else self._unwrapped
         batch = self.config.eval_batch_size or self.config.micro_batch_size
-        loss = validation_loss(model, self.val_rows, batch_size=batch)
+        loss = validation_loss(self._unwrapped, self.val_rows, batch_size=batch)
         state["val_losses"].append([step, loss])
         self.sink.log("eval", step, {"val_loss": loss})
         if self.console and acc.is_main_process:
@@ -381,9 +404,12 @@ class SFTRecipe:
             state["bad_evals"] += 1
         if step > 0 and (state["best"] is None or loss < state["best"][1]):
             state["best"] = [step, loss]
-            keep = self.config.keeps_best_weights and acc.is_main_process and not self._sharded
+            keep = self.config.keeps_best_weights and not self._deepspeed
             if keep and step < self.total_steps:  # the last step's weights are the output anyway
-                ckpt.save_best_weights(self.output_dir, step, loss, self._trainable_state(), state["run"])
+                trainable = self._trainable_state()  # a collective under FSDP: every process gathers
+                if acc.is_main_process:
+                    ckpt.save_best_weights(self.output_dir, step, loss, trainable, state["run"])
+                acc.wait_for_everyone()
         patience = self.config.early_stopping_patience
         return bool(patience and state["bad_evals"] >= patience)
 
@@ -393,7 +419,7 @@ class SFTRecipe:
             self.output_dir,
             step,
             trainable=self._trainable_state(),
-            optimizer=None if self._sharded else self.optimizer,  # sharded state: weights only, see train/checkpoint
+            optimizer=None if self._deepspeed else self.optimizer,  # DeepSpeed's engine: weights only, see checkpoint
             state={**state, "scheduler": self.scheduler.state_dict()},
             rank=acc.process_index,
             is_main=acc.is_main_process,
@@ -408,9 +434,9 @@ class SFTRecipe:
         acc = self.accelerator
         acc.wait_for_everyone()
         model = self._unwrapped
-        keep = self.config.keeps_best_weights and acc.is_main_process
+        keep = self.config.keeps_best_weights and (acc.is_main_process or self.fsdp)  # FSDP: each loads its shard
         weights_step = self._restore_best(step, state["best"], state["run"]) if keep else step
-        state_dict = acc.get_state_dict(self.model)
+        state_dict = self._full_state_dict()
         summary = {
             "mode": self.mode,
             "steps": step,
@@ -443,7 +469,7 @@ class SFTRecipe:
             if self.config.adapter:
                 base = resolve_model_path(self.config.base_model, self.config_path)
                 model.peft_config["default"].base_model_name_or_path = base
-                model.save_pretrained(out, safe_serialization=True)
+                model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)  # gathered under FSDP
                 model.generation_config.save_pretrained(out)
             else:
                 model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
@@ -469,10 +495,10 @@ class SFTRecipe:
         folders = [self.output_dir]
         if self.resumed_from is not None and self.resumed_from.parent.resolve() != self.output_dir.resolve():
             folders.append(self.resumed_from.parent)
-        if not self._sharded and ckpt.load_best_weights(folders, self._unwrapped, best[0], run):
+        if not self._deepspeed and ckpt.load_best_weights(folders, self._unwrapped, best[0], run):
             return best[0]
-        why = "under FSDP/DeepSpeed they are not kept yet" if self._sharded else f"no {ckpt.BEST}/ holds them"
-        if self.console:
+        why = "under DeepSpeed they are not kept yet" if self._deepspeed else f"no {ckpt.BEST}/ holds them"
+        if self.console and self.accelerator.is_main_process:
             self.console.print(
                 f"[yellow]warning:[/] load_best_model_at_end: the best validation loss was at step {best[0]} but "
                 f"{escape(why)}; the output holds the weights of step {step}"
@@ -492,11 +518,17 @@ class SFTRecipe:
             table.add_row(row["parameter"], f"{row['trainable']:,}", f"{row['frozen']:,}")
         table.add_row("[bold]total", f"[bold]{self.freeze.trainable:,}", f"[bold]{self.freeze.frozen:,}")
         self.console.print(table)
+        if self.config.fsdp and not self.fsdp:
+            self.console.print(
+                "[yellow]warning:[/] fsdp: a single process has nothing to shard, so this run trains unsharded; "
+                "launch it with `torchrun --nproc_per_node N` to shard it"
+            )
         for pattern in self.freeze.unmatched:
             self.console.print(f"[yellow]warning:[/] unfrozen_parameters: {escape(repr(pattern))} matches no parameter")
+        processes = f"{self.accelerator.num_processes} process(es)" + (" sharded by FSDP" if self.fsdp else "")
         self.console.print(
             f"{len(self.train_rows)} training rows, {self.plan.steps_per_epoch} steps per epoch, "
-            f"{self.total_steps} steps, {self.accelerator.num_processes} process(es), precision: "
+            f"{self.total_steps} steps, {processes}, precision: "
             f"{'bf16 autocast' if self.mixed == 'bf16' else self.mixed if self.mixed != 'no' else 'float32'}"
         )
 

@@ -26,7 +26,6 @@ CPU_ONLY = pytest.mark.skipif(torch.accelerator.is_available(), reason="checks t
         ({"adapter": "qlora"}, "adapter: qlora needs bitsandbytes on a CUDA GPU"),
         ({"adapter": "lora", "load_in_4bit": True}, "load_in_4bit needs bitsandbytes on a CUDA GPU"),
         ({"optimizer": "adamw_8bit"}, "optimizer: adamw_8bit needs bitsandbytes on a CUDA GPU"),
-        ({"fsdp": ["full_shard", "auto_wrap"]}, "fsdp: FSDP needs GPUs"),
     ],
 )
 def test_gpu_only_features_fail_clearly_on_cpu(tmp_path, overrides, named):
@@ -146,3 +145,37 @@ def test_schedules():
     assert lr_factor(6, schedule="linear", warmup=2, total=10) == pytest.approx(0.5)
     assert lr_factor(9, schedule="constant", warmup=2, total=10) == 1.0
     assert lr_factor(10, schedule="cosine", warmup=0, total=10, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_fsdp_on_one_process_trains_unsharded_with_a_warning(tiny_model_dir, tmp_path):
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    config = ForgeConfig(base_model=str(tiny_model_dir), output_dir=str(tmp_path / "out"), sequence_len=64,
+                         max_steps=1, fsdp=["full_shard", "auto_wrap"])
+    result = train(config, train_rows=random_rows(4, 49152, seed=1), console=console)
+    assert result.steps == 1 and result.summary["processes"] == 1
+    assert "warning: fsdp: a single process has nothing to shard" in console.export_text()
+
+
+def test_fsdp_refuses_row_ranges_and_deepspeed(tiny_model_dir, tmp_path):
+    config = ForgeConfig(base_model=str(tiny_model_dir), output_dir=str(tmp_path / "out"), sequence_len=64,
+                         max_steps=1, fsdp="full_shard", unfrozen_parameters=[r"^model.embed_tokens.weight$[0:100]"])
+    with pytest.raises(ForgeError, match=r"unfrozen_parameters: row ranges \(model.embed_tokens.weight\) cannot be "
+                                         r"trained under fsdp"):
+        train(config, train_rows=random_rows(4, 49152, seed=1))
+    with pytest.raises(ValueError, match="deepspeed and fsdp: both shard the model; set one of them"):
+        ForgeConfig(base_model="m", deepspeed="zero3.json", fsdp="full_shard")
+
+
+def test_fsdp_names_the_decoder_layer_class_when_the_configured_one_is_missing(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from dolphin_forge.train.distributed import layers_to_wrap
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert len(layers_to_wrap(model, {})) == 2
+    with pytest.raises(ForgeError, match=r"^fsdp_config.fsdp_transformer_layer_cls_to_wrap: this model has no "
+                                         r"MixtralSparseMoeBlock module to wrap; expected its decoder layer class "
+                                         r"\(LlamaDecoderLayer\)$"):
+        layers_to_wrap(model, {"transformer_layer_cls_to_wrap": "MixtralSparseMoeBlock"})
