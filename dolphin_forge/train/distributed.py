@@ -109,9 +109,10 @@ def shard_model(model: torch.nn.Module, config: ForgeConfig, device: torch.devic
     """Shard `model` in place with FSDP2 across the launched processes; returns it (its class becomes FSDP<...>).
 
     `full_shard` frees each layer's gathered weights after its forward, `shard_grad_op` keeps them until the backward
-    (`reshard_after_forward`); `auto_wrap` makes every decoder layer its own unit (without it the whole model is one,
-    and its peak memory is a full copy); `offload_params` keeps shards in CPU memory on a GPU machine. bf16 runs
-    gather bf16 weights and reduce gradients in float32, FSDP's form of autocast. FSDP1's tuning keys in Axolotl
+    (`reshard_after_forward`; the root unit, embeddings and head, keeps them in both, as torch chooses by default);
+    `auto_wrap` makes every decoder layer its own unit (without it the whole model is one, and its peak memory is a
+    full copy); `offload_params` keeps shards in CPU memory on a GPU machine. bf16/fp16 runs gather half-precision
+    weights and reduce gradients in float32, FSDP's form of mixed precision. FSDP1's tuning keys in Axolotl
     configs (`use_orig_params`, `limit_all_gathers`, `sync_module_states`, `*_prefetch`, `state_dict_type`) have no
     FSDP2 counterpart and change nothing: checkpoints always hold sharded optimizer state and gathered weights.
     """
@@ -121,16 +122,33 @@ def shard_model(model: torch.nn.Module, config: ForgeConfig, device: torch.devic
     grad_op = "shard_grad_op" in options or str(fsdp_config.get("sharding_strategy", "")).upper() == "SHARD_GRAD_OP"
     reshard = fsdp_config.get("reshard_after_forward")
     kwargs: dict[str, Any] = {"reshard_after_forward": bool(reshard) if reshard is not None else not grad_op}
-    if mixed == "bf16":
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if device.type != "cpu" and (fsdp_config.get("offload_params") or "offload" in options):
+    if mixed in ("bf16", "fp16"):
+        half = torch.bfloat16 if mixed == "bf16" else torch.float16
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
+    if device.type != "cpu" and offloads_params(config):
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    model.to(device)
     if "auto_wrap" in options or fsdp_config.get("auto_wrap_policy"):
         for layer in layers_to_wrap(model, fsdp_config):
-            fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+            fully_shard(layer, **kwargs)  # moves its shard to the device: the whole model never sits on one GPU
+    root = {**kwargs, "reshard_after_forward": None if kwargs["reshard_after_forward"] else False}
+    fully_shard(model, **root)
     return model
+
+
+def offloads_params(config: ForgeConfig) -> bool:
+    options, fsdp_config = fsdp_options(config)
+    return bool(fsdp_config.get("offload_params")) or "offload" in options
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP unit back to its shards. Needed before writing into parameters: after a forward without
+    resharding (`shard_grad_op`, the root unit) the module holds gathered copies, and what is written into the
+    shards would be overwritten when FSDP switches back to them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 @contextlib.contextmanager
@@ -157,6 +175,13 @@ def make_accelerator(config: ForgeConfig, config_path: Path | None, mixed: str, 
 
     # cpu=True is what makes accelerate join a torchrun world over gloo when there is no GPU
     kwargs: dict[str, Any] = {"mixed_precision": mixed, "cpu": not torch.cuda.is_available()}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.fsdp and offloads_params(config) and torch.cuda.is_available() and world > 1:
+        # offloaded shards and their gradients live in CPU memory: their collectives (the gradient norm) need gloo
+        # beside NCCL; accelerate then joins this process group instead of creating an NCCL-only one
+        if not torch.distributed.is_initialized():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.distributed.init_process_group("cuda:nccl,cpu:gloo")
     if config.deepspeed:
         if importlib.util.find_spec("deepspeed") is None:
             raise ForgeError(
@@ -165,7 +190,6 @@ def make_accelerator(config: ForgeConfig, config_path: Path | None, mixed: str, 
             )
         from accelerate.utils import DeepSpeedPlugin
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         ds = fill_deepspeed_auto(read_deepspeed_config(config, config_path), config, world, hidden_size, mixed)
         # known gap: the model is loaded before this Accelerator exists, so ZeRO-3 cannot partition it while it
         # loads (zero.Init); each process holds a full copy until `prepare`

@@ -41,7 +41,7 @@ from dolphin_forge.models.packed import restore_standard_attention
 from dolphin_forge.models.load import IM_END, add_config_tokens, base_tokenizer, load_model, new_token_rows
 from dolphin_forge.train import checkpoint as ckpt
 from dolphin_forge.train.batches import IGNORE_INDEX, BatchPlan, MicroBatch, collate
-from dolphin_forge.train.distributed import gradient_sync, make_accelerator, shard_model
+from dolphin_forge.train.distributed import gradient_sync, make_accelerator, reshard, shard_model
 from dolphin_forge.models.hardware import matmul_peak_flops
 from dolphin_forge.train.hardware import (
     attention_implementation,
@@ -219,14 +219,25 @@ class SFTRecipe:
         """The whole model's weights as plain tensors (gathered from the shards under FSDP/DeepSpeed: every process
         must call this; under FSDP only the main process receives them)."""
         if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return self._gathered(trainable_only=False)
         return self.accelerator.get_state_dict(self.model)
 
+    def _gathered(self, trainable_only: bool) -> dict[str, torch.Tensor]:
+        """FSDP: the full tensors on the main process, once per tensor (a tied head is the embedding, as
+        `save_pretrained` expects), frozen ones left out when only the trainable are wanted (a LoRA base stays
+        sharded instead of being gathered for every checkpoint)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        gathered = get_model_state_dict(self.model, options=options)
+        names = {n for n, _ in self.model.named_parameters()} | {n for n, _ in self.model.named_buffers()}
+        return {n: t for n, t in gathered.items() if n in names}
+
     def _trainable_state(self) -> dict[str, torch.Tensor]:
+        if self.fsdp:
+            return self._gathered(trainable_only=True)
         names = {n for n, p in self._unwrapped.named_parameters() if p.requires_grad}
-        if self.fsdp or self._deepspeed:
+        if self._deepspeed:
             return {n: t for n, t in self._full_state_dict().items() if n in names}
         return {n: p for n, p in self._unwrapped.named_parameters() if n in names}
 
@@ -393,6 +404,8 @@ class SFTRecipe:
         acc = self.accelerator
         batch = self.config.eval_batch_size or self.config.micro_batch_size
         loss = validation_loss(self._unwrapped, self.val_rows, batch_size=batch)
+        if acc.num_processes > 1:  # one value everywhere: the early-stop and best-weights decisions gate collectives
+            loss = float(acc.reduce(torch.tensor(loss, device=acc.device), reduction="mean"))
         state["val_losses"].append([step, loss])
         self.sink.log("eval", step, {"val_loss": loss})
         if self.console and acc.is_main_process:
@@ -495,6 +508,8 @@ class SFTRecipe:
         folders = [self.output_dir]
         if self.resumed_from is not None and self.resumed_from.parent.resolve() != self.output_dir.resolve():
             folders.append(self.resumed_from.parent)
+        if self.fsdp:
+            reshard(self.model)
         if not self._deepspeed and ckpt.load_best_weights(folders, self._unwrapped, best[0], run):
             return best[0]
         why = "under DeepSpeed they are not kept yet" if self._deepspeed else f"no {ckpt.BEST}/ holds them"
@@ -529,7 +544,8 @@ class SFTRecipe:
         self.console.print(
             f"{len(self.train_rows)} training rows, {self.plan.steps_per_epoch} steps per epoch, "
             f"{self.total_steps} steps, {processes}, precision: "
-            f"{'bf16 autocast' if self.mixed == 'bf16' else self.mixed if self.mixed != 'no' else 'float32'}"
+            f"{self.mixed if self.mixed != 'no' else 'float32'}"
+            f"{'' if self.mixed == 'no' else ' (FSDP mixed precision)' if self.fsdp else ' autocast'}"
         )
 
     def _chat_ready(self, model: Any) -> None:

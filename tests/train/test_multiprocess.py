@@ -30,7 +30,7 @@ FSDP = {"fsdp": ["full_shard", "auto_wrap"], "fsdp_config": {"fsdp_transformer_l
 def one_process(tmp_path_factory, tokenizer) -> tuple[Path, dict]:
     """The reference: one process, 4 accumulation steps; returns its folder and the config the others share."""
     root = tmp_path_factory.mktemp("multiprocess")
-    build_tiny_model(tokenizer).save_pretrained(root / "tiny")
+    build_tiny_model(tokenizer, tie_word_embeddings=True).save_pretrained(root / "tiny")  # tied, as SmolLM2
     tokenizer.save_pretrained(root / "tiny")
     write_chat_jsonl(root / "chat.jsonl", count=36)
     base = {
@@ -62,8 +62,11 @@ SCRIPTED_LOSSES = """
 import sys
 import dolphin_forge.evaluate.perplexity as perplexity
 from dolphin_forge.cli import main
-losses = iter([5.0, 4.0, 3.0, 3.5, 3.6])
-perplexity.validation_loss = lambda model, rows, batch_size: next(losses)
+losses, measure = iter([5.0, 4.0, 3.5, 3.0, 3.2, 3.3]), perplexity.validation_loss
+def scripted(model, rows, batch_size):
+    measure(model, rows, batch_size=batch_size)  # a real forward: with shard_grad_op it leaves gathered weights
+    return next(losses)
+perplexity.validation_loss = scripted
 sys.argv = ["dolphin-forge", "train", sys.argv[1]]
 main()
 """
@@ -94,7 +97,7 @@ def test_two_process_ddp_matches_one_process(one_process, tokenizer):
     two = one.with_name("ddp")
     torchrun_train(write_config(two, {**base, "gradient_accumulation_steps": 2}))
     assert_same_weights(two, one)
-    before = build_tiny_model(tokenizer).state_dict()
+    before = build_tiny_model(tokenizer, tie_word_embeddings=True).state_dict()
     weights = load_file(str(two / "model.safetensors"))
     assert not torch.equal(weights["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
     summary = json.loads((two / "training_summary.json").read_text())
@@ -131,15 +134,18 @@ def test_fsdp_matches_one_process_resumes_exactly_and_keeps_its_best_weights(one
     with pytest.raises(ForgeError, match=r"sharded by FSDP over 2 processes; resume under FSDP on 2 processes"):
         train(load_config(config).config, config)
 
-    stopped = one.with_name("fsdp-early-stopped")  # best validation loss at step 2, stopped by patience at step 4
+    # best validation loss at step 3, stopped by patience at step 5, whose evaluation left the weights gathered
+    stopped = one.with_name("fsdp-early-stopped")
     script = stopped.with_name("scripted_losses.py")
     script.write_text(SCRIPTED_LOSSES)
-    early = {**values, "max_steps": 10, "eval_steps": 1, "early_stopping_patience": 2}
+    early = {**values, "fsdp": ["shard_grad_op", "auto_wrap"], "max_steps": 10, "eval_steps": 1,
+             "early_stopping_patience": 2, "save_steps": 3}
     torchrun_train(write_config(stopped, early), script=script)
     summary = json.loads((stopped / "training_summary.json").read_text())
-    assert (summary["steps"], summary["best_step"], summary["weights_from_step"]) == (4, 2, 2)
-    best = stopped / "checkpoint-2" / "trainable.safetensors"  # this run's step 2 (its schedule spans 10 steps)
+    assert (summary["steps"], summary["best_step"], summary["weights_from_step"]) == (5, 3, 3)
+    best = stopped / "checkpoint-3" / "trainable.safetensors"  # this run's step 3 (its schedule spans 10 steps)
     got, want = load_file(str(stopped / "model.safetensors")), load_file(str(best))
+    assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
 
