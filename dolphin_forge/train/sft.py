@@ -269,7 +269,7 @@ class SFTRecipe:
         if main and self.console:
             self._print_setup(resume)
             for warning in self.sink.warnings:
-                self.console.print(f"[yellow]warning:[/] {escape(warning)}")
+                self._warn(warning)
 
         eval_every = self._every(config.eval_steps, config.evals_per_epoch)
         # as Axolotl: without save_steps or saves_per_epoch a checkpoint ends every epoch; `save_strategy: no` opts out
@@ -514,13 +514,16 @@ class SFTRecipe:
             return best[0]
         why = "under DeepSpeed they are not kept yet" if self._deepspeed else f"no {ckpt.BEST}/ holds them"
         if self.console and self.accelerator.is_main_process:
-            self.console.print(
-                f"[yellow]warning:[/] load_best_model_at_end: the best validation loss was at step {best[0]} but "
-                f"{escape(why)}; the output holds the weights of step {step}"
+            self._warn(
+                f"load_best_model_at_end: the best validation loss was at step {best[0]} but {why}; "
+                f"the output holds the weights of step {step}"
             )
         return step
 
     # --- printing ------------------------------------------------------------------------------------------------
+
+    def _warn(self, text: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
 
     def _print_setup(self, resume: Path | None) -> None:
         from rich.table import Table
@@ -534,12 +537,12 @@ class SFTRecipe:
         table.add_row("[bold]total", f"[bold]{self.freeze.trainable:,}", f"[bold]{self.freeze.frozen:,}")
         self.console.print(table)
         if self.config.fsdp and not self.fsdp:
-            self.console.print(
-                "[yellow]warning:[/] fsdp: a single process has nothing to shard, so this run trains unsharded; "
+            self._warn(
+                "fsdp: a single process has nothing to shard, so this run trains unsharded; "
                 "launch it with `torchrun --nproc_per_node N` to shard it"
             )
         for pattern in self.freeze.unmatched:
-            self.console.print(f"[yellow]warning:[/] unfrozen_parameters: {escape(repr(pattern))} matches no parameter")
+            self._warn(f"unfrozen_parameters: {pattern!r} matches no parameter")
         processes = f"{self.accelerator.num_processes} process(es)" + (" sharded by FSDP" if self.fsdp else "")
         self.console.print(
             f"{len(self.train_rows)} training rows, {self.plan.steps_per_epoch} steps per epoch, "
@@ -582,9 +585,7 @@ class SFTRecipe:
         self.console.print(table)
         first, best = (summary["val_losses"] or [[None, None]])[0], summary["best_val_loss"]
         if first[0] == 0 and best is not None and first[1] <= best:
-            self.console.print(
-                f"[yellow]warning:[/] validation loss never went below the base model's ({first[1]:.4f} at step 0)"
-            )
+            self._warn(f"validation loss never went below the base model's ({first[1]:.4f} at step 0)")
         self.console.print(f"model written to {self.output_dir}")
 
 
