@@ -134,9 +134,10 @@ def _summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]
     count = int(keep.sum())
     if count == 0:
         return 0.0, 0
-    scored = logits[:-1][keep].float()
+    everything = count == keep.numel()  # the usual case: no copy of the (positions x vocabulary) logits
+    scored = (logits[:-1] if everything else logits[:-1][keep]).float()
     log_probs = torch.log_softmax(scored, dim=-1)
-    nll = -log_probs.gather(1, targets[keep].unsqueeze(1)).squeeze(1)
+    nll = -log_probs.gather(1, (targets if everything else targets[keep]).unsqueeze(1)).squeeze(1)
     return float(nll.double().sum()), count
 
 
