@@ -61,10 +61,15 @@ def fill_deepspeed_auto(
     for section in ("optimizer", "scheduler"):
         params = filled.get(section, {}).get("params", {})
         for key in [k for k, v in params.items() if v == "auto"]:
-            raise ForgeError(f"deepspeed: {section}.params.{key} = 'auto' is not supported; set a value or drop the {section} section")
+            raise ForgeError(
+                f"deepspeed: {section}.params.{key} = 'auto' is not supported; "
+                f"set a value or drop the {section} section"
+            )
     leftover = [k for k, v in zero.items() if v == "auto"]
     if leftover:
-        raise ForgeError(f"deepspeed: zero_optimization.{leftover[0]} = 'auto' cannot be filled without the model's hidden size")
+        raise ForgeError(
+            f"deepspeed: zero_optimization.{leftover[0]} = 'auto' cannot be filled without the model's hidden size"
+        )
     return filled
 
 

@@ -129,9 +129,12 @@ class SFTRecipe:
         quant = quantization_config(config)
         if quant is not None:
             load_kwargs["quantization_config"] = quant
-        model = load_model(model_path, dtype=weights_dtype(config), trust_remote_code=config.trust_remote_code, **load_kwargs)
+        model = load_model(
+            model_path, dtype=weights_dtype(config), trust_remote_code=config.trust_remote_code, **load_kwargs
+        )
         model.config.use_cache = False
-        self.accelerator = make_accelerator(config, self.config_path, self.mixed, getattr(model.config, "hidden_size", None))
+        hidden_size = getattr(model.config, "hidden_size", None)
+        self.accelerator = make_accelerator(config, self.config_path, self.mixed, hidden_size)
         acc = self.accelerator
 
         if train_rows is None:
@@ -332,8 +335,10 @@ class SFTRecipe:
         """
         acc = self.accelerator
         device = acc.device
-        batches = [collate([self.train_rows[i] for i in rows], self.pad_id, self._pad_to()) for rows in self.plan.window(step)]
-        counts = torch.tensor([sum(b.trained_tokens for b in batches), sum(b.real_tokens for b in batches)], device=device)
+        micro_batches = self.plan.window(step)  # row indices of each micro-batch of the window
+        batches = [collate([self.train_rows[i] for i in rows], self.pad_id, self._pad_to()) for rows in micro_batches]
+        trained, real = sum(b.trained_tokens for b in batches), sum(b.real_tokens for b in batches)
+        counts = torch.tensor([trained, real], device=device)
         total_trained, total_real = (int(v) for v in acc.reduce(counts, reduction="sum"))
         # DDP averages gradients over processes; `accelerator.backward` (DeepSpeed's engine, under DeepSpeed) divides
         # the loss by gradient_accumulation_steps, but ours is already the mean over the whole window: undo both
@@ -390,7 +395,7 @@ class SFTRecipe:
         path = self.output_dir / f"{ckpt.PREFIX}{step}"
         if not (path / "state.json").is_file():  # an existing one holds the RNG state from before this failed step
             path = self._save_checkpoint(step, state)
-        what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm} (loss {loss:.4f})"
+        what = f"the gradient norm is {grad_norm} (loss {loss:.4f})" if math.isfinite(loss) else f"the loss is {loss}"
         advice = "Lower learning_rate" + ("" if self.config.max_grad_norm else ", set max_grad_norm")
         raise ForgeError(
             f"training stopped at step {step + 1}: {what}, not a finite number; "

@@ -28,14 +28,17 @@ def pack(samples: list[tuple[list[int], list[int]]]) -> dict[str, list[int]]:
     return row
 
 
-def random_rows(count: int, vocab: int, seed: int = 0, per_row: int = 2, max_len: int = 24) -> list[dict[str, list[int]]]:
+def random_rows(
+    count: int, vocab: int, seed: int = 0, per_row: int = 2, max_len: int = 24
+) -> list[dict[str, list[int]]]:
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(count):
         samples = []
         for _ in range(per_row):
             length = int(torch.randint(4, max_len, (1,), generator=generator))
-            samples.append(sample(length, int(torch.randint(1, length - 1, (1,), generator=generator)), vocab, generator))
+            prompt = int(torch.randint(1, length - 1, (1,), generator=generator))
+            samples.append(sample(length, prompt, vocab, generator))
         rows.append(pack(samples))
     return rows
 

@@ -31,7 +31,8 @@ def test_axolotl_matching_rules():
     assert set(match_unfrozen(names, ["model.layers.1.mlp"])) == {"model.layers.1.mlp.up_proj.weight"}  # `.` literal
     # a trailing `.` is literal too: as a regex wildcard it would also match the `0` and `1` of layers 10 and 11
     assert set(match_unfrozen(names, ["model.layers.1."])) == {"model.layers.1.mlp.up_proj.weight"}
-    assert set(match_unfrozen(names, ["model.layers.1"])) == {f"model.layers.{i}.mlp.up_proj.weight" for i in (1, 10, 11)}
+    prefixed = {f"model.layers.{i}.mlp.up_proj.weight" for i in (1, 10, 11)}
+    assert set(match_unfrozen(names, ["model.layers.1"])) == prefixed
     with pytest.raises(ForgeError, match="no parameter name matches any of the 2 patterns"):
         match_unfrozen(names, ["norm", "up_proj"])  # anchored at the start: neither matches
     assert set(match_unfrozen(names, ["^lm_head.weight$", "model.norm"])) == {"lm_head.weight", "model.norm.weight"}

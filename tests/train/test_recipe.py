@@ -43,7 +43,9 @@ def window_gradients(model_dir: Path, out: Path, rows, **overrides) -> tuple[flo
 def test_one_batch_of_8_equals_8_batches_of_1(tiny_model_dir, tmp_path):
     rows = random_rows(8, 49152, seed=5)  # rows of different lengths and trained-token counts
     loss_a, grads_a = window_gradients(tiny_model_dir, tmp_path / "a", rows, micro_batch_size=8)
-    loss_b, grads_b = window_gradients(tiny_model_dir, tmp_path / "b", rows, micro_batch_size=1, gradient_accumulation_steps=8)
+    loss_b, grads_b = window_gradients(
+        tiny_model_dir, tmp_path / "b", rows, micro_batch_size=1, gradient_accumulation_steps=8
+    )
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
     for name in grads_a:
@@ -91,7 +93,9 @@ def test_gradient_checkpointing_gives_the_same_gradients_on_packed_rows(tiny_mod
     """The seed configs train with `gradient_checkpointing`; recomputation must not change the packed-row maths."""
     rows = random_rows(4, 49152, seed=7, per_row=3)  # several samples per row: position ids restart inside rows
     assert any(len(r["seq_lens"]) > 1 for r in rows)
-    loss_a, grads_a = window_gradients(tiny_model_dir, tmp_path / "a", rows, micro_batch_size=2, gradient_accumulation_steps=2)
+    loss_a, grads_a = window_gradients(
+        tiny_model_dir, tmp_path / "a", rows, micro_batch_size=2, gradient_accumulation_steps=2
+    )
     loss_b, grads_b = window_gradients(
         tiny_model_dir, tmp_path / "b", rows, micro_batch_size=2, gradient_accumulation_steps=2,
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -127,7 +131,8 @@ def test_train_lowers_loss_and_writes_a_chat_ready_model(tiny_model_dir, tmp_pat
     tokenizer = AutoTokenizer.from_pretrained(out)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert model.generation_config.eos_token_id == im_end
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    messages = [{"role": "user", "content": "hi"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     trained = dict(model.named_parameters())
     base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())

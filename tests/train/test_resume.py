@@ -113,7 +113,8 @@ def test_an_explicit_checkpoint_outside_output_dir_needs_an_unused_output_dir(tm
     assert ckpt.resolve_resume(str(old_run / "checkpoint-4"), new_run) == old_run / "checkpoint-4"
     assert ckpt.resolve_resume(str(old_run / "checkpoint-4"), old_run) == old_run / "checkpoint-4"
     (new_run / "checkpoint-8").mkdir()  # another run's, even half written
-    with pytest.raises(ForgeError, match=r"outside output_dir .*new, which holds checkpoints of another run \(checkpoint-8\)"):
+    another_run = r"outside output_dir .*new, which holds checkpoints of another run \(checkpoint-8\)"
+    with pytest.raises(ForgeError, match=another_run):
         ckpt.resolve_resume(str(old_run / "checkpoint-4"), new_run)
 
 
