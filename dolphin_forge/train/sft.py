@@ -353,7 +353,8 @@ class SFTRecipe:
                 summed, head_positions = summed_token_loss(self.model, batch.to(device))
                 if self.config.gradient_checkpointing:
                     release_freed_host_memory(device)
-                acc.backward(summed * scale)
+                if not (sync and self._deepspeed) or self._finite_everywhere(loss_sum + summed.detach()):
+                    acc.backward(summed * scale)  # DeepSpeed's engine steps inside the last one: never on a NaN
             loss_sum += summed.detach()
             flops += training_flops(self._unwrapped.config, self.linear_params - self.head_params, batch.seq_lens)
             flops += 6.0 * self.head_params * head_positions
@@ -363,6 +364,9 @@ class SFTRecipe:
             "trained_tokens": total_trained,
             "flops": float(acc.reduce(torch.tensor(flops, device=device), reduction="sum")) / acc.num_processes,
         }
+
+    def _finite_everywhere(self, value: torch.Tensor) -> bool:
+        return bool(torch.isfinite(self.accelerator.reduce(value.reshape(1), reduction="sum")).all())
 
     def _optimizer_step(self, step: int, state: dict[str, Any]) -> dict[str, float]:
         """Accumulate, clip, stop on a non-finite loss, decay partially-trained rows, step."""

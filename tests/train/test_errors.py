@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -45,6 +46,28 @@ def test_nan_loss_stops_with_a_last_good_checkpoint(tiny_model_dir, tmp_path):
     assert saved is not None and str(saved) in str(info.value)
     state = json.loads((saved / "state.json").read_text())
     assert all(v == v for v in state["train_losses"])  # the checkpoint holds only finite-loss steps
+
+
+def test_under_deepspeed_a_nan_loss_never_reaches_the_engine_step(tiny_model_dir, tmp_path, monkeypatch):
+    """DeepSpeed's engine steps inside the window's last backward (accelerate's engine wrapper), so a NaN check after
+    it would come too late: that backward is skipped instead, and the run stops as any other does."""
+    from accelerate import Accelerator
+
+    from dolphin_forge.train.sft import SFTRecipe
+
+    monkeypatch.setattr(SFTRecipe, "_deepspeed", property(lambda self: True))  # no DeepSpeed on a CPU
+    stepping_losses, backward = [], Accelerator.backward
+
+    def spy(self, loss, **kwargs):
+        stepping_losses.append(float(loss))
+        return backward(self, loss, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "backward", spy)
+    config = ForgeConfig(base_model=str(tiny_model_dir), output_dir=str(tmp_path / "out"), sequence_len=64,
+                         max_steps=6, learning_rate=1e30, max_grad_norm=None, lr_scheduler="constant")
+    with pytest.raises(ForgeError, match=r"training stopped at step \d+: the loss is nan"):
+        train(config, train_rows=random_rows(4, 49152, seed=1))
+    assert stepping_losses and all(math.isfinite(loss) for loss in stepping_losses)
 
 
 def test_non_finite_gradients_stop_the_run_before_the_step_even_without_clipping(tiny_model_dir, tmp_path,
