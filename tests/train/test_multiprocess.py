@@ -150,14 +150,30 @@ def test_fsdp_matches_one_process_resumes_exactly_and_keeps_its_best_weights(one
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_lora_under_fsdp_matches_one_process(one_process):
+SELECTIVE = {"unfrozen_parameters": [r"^model.layers.1.mlp..*", r"^model.norm.weight$"]}
+LORA = {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True}
+
+
+@pytest.mark.parametrize("mode", ["lora", "selective"])
+def test_lora_and_selective_runs_under_fsdp_match_one_process(one_process, mode):
+    """Frozen weights share FSDP units with trained ones (adapters, or the unfrozen MLP of a layer)."""
     one, base = one_process
-    lora = {**base, "adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True}
-    config = write_config(one.with_name("lora-one"), {**lora, "gradient_accumulation_steps": 4})
+    if mode == "lora":
+        values, weights = {**base, **LORA}, "adapter_model.safetensors"
+    else:
+        values, weights = {**base, **SELECTIVE}, "model.safetensors"
+    config = write_config(one.with_name(f"{mode}-one"), {**values, "gradient_accumulation_steps": 4})
     train(load_config(config).config, config)
-    torchrun_train(write_config(one.with_name("lora-fsdp"), {**lora, **FSDP, "gradient_accumulation_steps": 2}))
-    got = load_file(str(one.with_name("lora-fsdp") / "adapter_model.safetensors"))
-    want = load_file(str(one.with_name("lora-one") / "adapter_model.safetensors"))
-    assert got.keys() == want.keys() and any("lora_B" in name and want[name].abs().sum() > 0 for name in want)
+    torchrun_train(write_config(one.with_name(f"{mode}-fsdp"), {**values, **FSDP, "gradient_accumulation_steps": 2}))
+    got = load_file(str(one.with_name(f"{mode}-fsdp") / weights))
+    want = load_file(str(one.with_name(f"{mode}-one") / weights))
+    assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=2e-5, rtol=1e-4, msg=name)
+    before = load_file(str(one.with_name("tiny") / "model.safetensors"))
+    changed = {name for name in want if name not in before or not torch.equal(want[name], before[name])}
+    if mode == "lora":
+        assert any("lora_B" in name for name in changed)
+    else:  # exactly the listed matrices trained, the rest kept their base values
+        listed = {f"model.layers.1.mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")}
+        assert changed == listed | {"model.norm.weight"}
