@@ -168,7 +168,7 @@ def spectrum(
     strict: bool = typer.Option(False, "--strict", help="Unknown keys are errors"),
     top_percent: Optional[float] = typer.Option(None, "--top-percent", help="Share of each module type to unfreeze"),
     write_config: Optional[Path] = typer.Option(None, "--write-config", help="Merge `unfrozen_parameters` into it"),
-    show: int = typer.Option(30, "--show", help="Rows of the sorted SNR table to print (0: all)"),
+    show: int = typer.Option(30, "--show", min=0, help="Rows of the sorted SNR table to print (0: all)"),
 ) -> None:
     """Spectrum: rank layer matrices by signal-to-noise ratio and write `unfrozen_parameters` for the top share."""
     from dolphin_forge.spectral.report import snr_table

@@ -541,15 +541,27 @@ class LoadedConfig(BaseModel):
     warnings: list[str]
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """Map each top-level key to its 1-based line in the YAML text, for error messages."""
+def _key_lines(text: str) -> list[tuple[str, int]]:
+    """Each top-level key with its 1-based line in the YAML text, in order, for error messages."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
-        return {}
+        return []
     if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+        return []
+    return [(k.value, k.start_mark.line + 1) for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
+
+
+def _duplicate_key_warnings(keys: list[tuple[str, int]], source: str) -> list[str]:
+    """YAML keeps a repeated key's last value without a word: in a long config the earlier line does nothing."""
+    lines: dict[str, list[int]] = {}
+    for key, line in keys:
+        lines.setdefault(key, []).append(line)
+    return [
+        f"{source}: {key} is set more than once (lines {', '.join(map(str, found))}); the last value is used"
+        for key, found in lines.items()
+        if len(found) > 1
+    ]
 
 
 #: A key's place in the config, e.g. ("datasets", 0, "path").
@@ -615,7 +627,16 @@ def describe_error(error: dict[str, Any]) -> str:
     if kind == "less_than_equal":
         return f"expected a number <= {ctx.get('le')}"
     if kind == "literal_error":
-        return f"expected one of {ctx.get('expected')}"
+        expected = str(ctx.get("expected"))
+        return f"expected one of {expected}" if " or " in expected else f"expected {expected}"
+    if kind == "list_type":
+        return "expected a list (one `- item` line per entry, or [a, b])"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return "expected a mapping of keys to values"
+    if kind == "too_short":
+        return f"expected at least {ctx.get('min_length')} entry" + ("" if ctx.get("min_length") == 1 else "s")
+    if kind == "string_type":
+        return "expected a string"
     if kind == "missing":
         return "this key is required"
     if kind == "extra_forbidden":
@@ -634,7 +655,10 @@ def _error_lines(
     for error in exc.errors():
         loc = [p for p in error["loc"] if not (isinstance(p, str) and (p.startswith(("function-", "literal[")) or p in ("str", "bool", "int", "float", "list[str]", "dict[str,any]")))]
         key = ".".join(str(p) for p in loc) or "(config)"
-        if key in seen:
+        if key in seen:  # another alternative of a union (`bf16: true | auto | full`): each is allowed
+            line, text = seen[key]
+            also = describe_error(error).removeprefix("expected ")
+            seen[key] = (line, text if also in text else f"{text}, or {also}")
             continue
         value: Any = data
         for part in loc:
@@ -720,9 +744,11 @@ def load_config(
     """Read, override and validate a config. Raises ForgeError with one line per problem."""
     source = str(path) if path is not None else "<config>"
     lines: dict[str, int] = {}
+    duplicates: list[str] = []
     if path is not None:
         data, text = read_yaml_file(path)
-        lines = _key_lines(text)
+        keys = _key_lines(text)
+        lines, duplicates = dict(keys), _duplicate_key_warnings(keys, source)
     if not isinstance(data or {}, dict):
         raise ForgeError(f"{source}: expected a mapping of keys to values at the top level")
     data = dict(data or {})
@@ -735,7 +761,7 @@ def load_config(
     except ValidationError as exc:
         raise ForgeError("\n".join(_error_lines(exc, source, data, lines, _override_flags(overrides or {})))) from None
 
-    warnings = _inert_warnings(data)
+    warnings = duplicates + _inert_warnings(data)
     unknown = config.unknown_keys()
     if unknown:
         listed = ", ".join(unknown)

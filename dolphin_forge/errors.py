@@ -11,6 +11,11 @@ class ForgeError(Exception):
     """A user mistake (bad config, missing file, unsupported hardware), reported in one line."""
 
 
+def missing_file(path: Path) -> str:
+    """Why `path` is not a readable file, in words: a folder named by mistake exists, so "not found" would mislead."""
+    return "is a folder, not a file" if path.is_dir() else "does not exist"
+
+
 def read_text_file(path: Path, expected: str) -> str:
     """A text file the user gave us; a file in another encoding is named, with what was expected, in one line.
 

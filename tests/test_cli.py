@@ -68,6 +68,7 @@ def test_tables_are_not_cut_at_80_columns_when_output_is_piped(tmp_path):
     (["preprocess", "c.yml", "--debug", "abc"], "Invalid value for '--debug'"),
     (["no-such-stage"], "No such command 'no-such-stage'."),
     (["validate"], "Missing argument 'config'."),
+    (["spectrum", "c.yml", "--show", "-1"], "Invalid value for '--show'"),  # -1 hid the last row, after the scan
 ])
 def test_command_line_mistakes_are_one_line(tmp_path, args, expected):
     import subprocess

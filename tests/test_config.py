@@ -271,3 +271,29 @@ def test_save_strategy_is_checked_against_save_steps(data, message):
 
 def test_save_strategy_epoch_with_one_save_per_epoch_agrees():
     assert load_config(data={"save_strategy": "epoch", "saves_per_epoch": 1}).config.saves_per_epoch == 1
+
+
+@pytest.mark.parametrize(("yaml_text", "message"), [
+    ("datasets:\n  path: x.json\n", "datasets = {'path': 'x.json'}: expected a list (one `- item` line per entry"),
+    ("datasets: [data.jsonl]\n", "datasets.0 = 'data.jsonl': expected a mapping of keys to values"),
+    ("base_model: [a, b]\n", "base_model = ['a', 'b']: expected a string"),
+    ("spectrum:\n  module_types: []\n", "spectrum.module_types = []: expected at least 1 entry"),
+    ("bf16: maybe\n", "bf16 = 'maybe': expected true or false, or one of 'auto' or 'full'"),
+    ("eval:\n  batch_size: big\n", "eval.batch_size = 'big': expected a whole number, or 'auto'"),
+])
+def test_a_value_of_the_wrong_shape_says_what_every_allowed_form_is(tmp_path, yaml_text, message):
+    """In this product's words, not pydantic's; a union names all its forms, not only the first (bf16: auto)."""
+    path = tmp_path / "c.yml"
+    path.write_text(yaml_text)
+    with pytest.raises(ForgeError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}:1: {message}")
+
+
+def test_a_key_set_twice_is_a_warning_naming_both_lines(tmp_path):
+    """YAML keeps the last value silently; the earlier line of a long config would do nothing without a word."""
+    path = tmp_path / "c.yml"
+    path.write_text("learning_rate: 1e-4\nmicro_batch_size: 2\nlearning_rate: 2e-5\n")
+    loaded = load_config(path)
+    assert loaded.config.learning_rate == 2e-5
+    assert loaded.warnings == [f"{path}: learning_rate is set more than once (lines 1, 3); the last value is used"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from dolphin_forge.config import CurateRefusalConfig
 from dolphin_forge.curate.filters import Edits, Rejection, drop_turn_pairs, has_assistant
 from dolphin_forge.data.conversation import Conversation
-from dolphin_forge.errors import ForgeError, read_text_file
+from dolphin_forge.errors import ForgeError, missing_file, read_text_file
 
 DEFAULT_PHRASES_FILE = "refusal_phrases.txt"
 
@@ -55,7 +55,7 @@ def phrase_list(config: CurateRefusalConfig, config_path: Path | None = None) ->
         file = resolve_path(name, config_path)
         if not file.is_file():
             raise ForgeError(
-                f"curate.refusal.phrase_files: {file} does not exist (expected a text file, one phrase a line)"
+                f"curate.refusal.phrase_files: {file} {missing_file(file)} (expected a text file, one phrase a line)"
             )
         phrases += read_phrase_lines(read_text_file(file, "a text file, one phrase a line"))
     removed = {normalise_phrase(p) for p in config.remove}

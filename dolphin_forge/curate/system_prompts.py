@@ -28,7 +28,7 @@ import yaml
 from dolphin_forge.config import CurateSystemPromptsConfig
 from dolphin_forge.curate.filters import Edits, Rejection, drop_turn_pairs, has_assistant
 from dolphin_forge.data.conversation import TOOLS_PREAMBLE, Conversation, Message
-from dolphin_forge.errors import ForgeError, read_text_file
+from dolphin_forge.errors import ForgeError, missing_file, read_text_file
 
 DEFAULT_PROMPTS_FILE = "system_prompts.yaml"
 
@@ -65,7 +65,7 @@ def load_prompt_file(name: str | None, config_path: Path | None, key: str) -> We
         return parse_prompt_list(yaml.safe_load(text), DEFAULT_PROMPTS_FILE)
     file = resolve_path(name, config_path)
     if not file.is_file():
-        raise ForgeError(f"{key}: {file} does not exist (expected a YAML or JSON list of system prompts)")
+        raise ForgeError(f"{key}: {file} {missing_file(file)} (expected a YAML or JSON list of system prompts)")
     try:
         data = yaml.safe_load(read_text_file(file, "a YAML or JSON list of system prompts"))
     except yaml.YAMLError as exc:

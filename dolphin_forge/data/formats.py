@@ -300,10 +300,10 @@ def _messages_from_turns(
             if not isinstance(turn["tool_calls"], list):
                 raise RowProblem("bad_field", f"turn {number} field 'tool_calls' should be a list of calls")
             calls = [format_tool_call(c.get("function", c)) for c in turn["tool_calls"] if isinstance(c, dict)]
-            prefix = _text(turn.get(content_key) or "", f"turn {number} {content_key!r}").strip()
+            prefix = _content(turn.get(content_key) or "", role, f"turn {number} {content_key!r}").strip()
             messages.append(Message("assistant", "\n".join(([prefix] if prefix else []) + calls)))
             continue
-        content = _text(turn.get(content_key), f"turn {number} field {content_key!r}")
+        content = _content(turn.get(content_key), role, f"turn {number} field {content_key!r}")
         if role == "tool_call":
             messages.append(Message("assistant", format_tool_call(content)))
         elif role == "tool":
@@ -311,6 +311,19 @@ def _messages_from_turns(
         else:
             messages.append(Message(role, content))
     return messages
+
+
+def _content(value: Any, role: str, what: str) -> str:
+    """A turn's text. OpenAI's content parts (`[{type: text, text: ...}]`) are joined, as chat templates render them:
+    dumped as JSON they would be trained as brackets and keys. A part that is not text (an image) cannot be trained
+    here, so its row is dropped, counted. A tool's result stays any JSON."""
+    parts = role in ("system", "user", "assistant") and isinstance(value, list) and bool(value)
+    if not parts or not all(isinstance(part, dict) and "type" in part for part in value):
+        return _text(value, what)
+    other = next((part["type"] for part in value if part["type"] != "text"), None)
+    if other is not None:
+        raise RowProblem("bad_field", f"{what} holds a {other!r} part; only text parts can be trained")
+    return "".join(_text(part.get("text"), f"{what} text part") for part in value)
 
 
 def _alpaca(data: dict[str, Any]) -> list[Message]:

@@ -342,6 +342,20 @@ def _load_cached(folder: Path) -> PreparedData:
     return PreparedData(folder, load_from_disk(str(folder / "train")), val, report, cached=True)
 
 
+def _no_rows_message(tally: _Tally, files: list[Path]) -> str:
+    """Why nothing is left, with a row of the commonest reason in its own words: the counts alone hide the fix (e.g.
+    the hint `set type: alpaca` for rows without `conversations`), and empty files name themselves."""
+    if not tally.rows_read:
+        named = ", ".join(map(str, files[:3])) + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
+        return f"datasets: no rows in {named}; expected JSON or JSONL rows"
+    reasons = tally.dropped.most_common()
+    counts = ", ".join(f"{reason} {count}" for reason, count in reasons)
+    example = (tally.examples.get(reasons[0][0]) or [None])[0] if reasons else None
+    return f"datasets: none of the {tally.rows_read} rows read is usable (dropped: {counts})" + (
+        f"; e.g. {example}" if example else ""
+    )
+
+
 def preprocess(
     config: ForgeConfig,
     config_path: Path | None = None,
@@ -369,7 +383,7 @@ def preprocess(
         use_pool = processes > 1 and _input_bytes(files) >= POOL_MIN_BYTES
         samples, tally = _encode_all(config, config_path, tokenizer, processes if use_pool else 1, bar, files)
     if not samples.lengths.size:
-        raise ForgeError(f"datasets: no usable rows (dropped: {dict(tally.dropped) or 'none read'})")
+        raise ForgeError(_no_rows_message(tally, files))
     train_idx, val_idx = _split(int(samples.lengths.size), config)
     capacity = config.sequence_len if config.sample_packing else None
     eval_packing = config.sample_packing if config.eval_sample_packing is None else config.eval_sample_packing

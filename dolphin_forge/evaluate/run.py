@@ -101,9 +101,22 @@ def plan_evaluation(settings: EvalConfig, config_path: Path | None = None) -> Ev
     for file in files:
         if not file.is_file():
             raise ForgeError(f"eval.perplexity_files: {file} is not a file")
+    _check_distinct_names(files)
     if not requests and not files:
         raise ForgeError(_nothing_to_run(skipped))
     return EvalPlan(data_dir, requests, skipped, files)
+
+
+def _check_distinct_names(files: list[Path]) -> None:
+    """Results are kept under each file's name: a second `test.txt` from another folder would replace the first's."""
+    seen: dict[str, Path] = {}
+    for file in files:
+        if file.name in seen:
+            raise ForgeError(
+                f"eval.perplexity_files: {seen[file.name]} and {file} share the name {file.name!r}, under which "
+                "results are kept; rename one, or list a file once"
+            )
+        seen[file.name] = file
 
 
 def _nothing_to_run(skipped: list[str]) -> str:

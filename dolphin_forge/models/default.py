@@ -129,4 +129,7 @@ def resolve_model_path(name: str, config_path: Path | None = None, key: str = "b
     path = resolve_path(name, config_path)
     if not path.exists():
         raise ForgeError(f"{key}: {name!r} is not a local folder (no model hub is reachable; use `default` or a path)")
+    if not path.is_dir():  # else transformers reads the file as a config.json and says it is not valid JSON
+        kind = "a GGUF file" if path.suffix.lower() == ".gguf" else "a file"
+        raise ForgeError(f"{key}: {name!r} is {kind}; expected a Hugging Face model folder (config.json, safetensors)")
     return str(path)

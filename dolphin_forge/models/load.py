@@ -94,16 +94,40 @@ def load_model(
     trust_remote_code: bool = False,
     **kwargs: Any,
 ) -> Any:
-    """A causal LM from a local folder, safetensors only."""
+    """A causal LM from a local folder, safetensors only.
+
+    A folder without config.json (or a LoRA adapter's, which transformers loads onto its base) and a truncated weights
+    file (an interrupted copy) are named plainly: transformers asks for a `model_type` key in the missing file, and
+    safetensors' own error escapes as a traceback.
+    """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model_path(str(path))
+    if not any((Path(resolved) / name).is_file() for name in ("config.json", "adapter_config.json")):
+        raise ForgeError(f"cannot load a model from {resolved}: no config.json (expected a Hugging Face model folder)")
     try:
         return AutoModelForCausalLM.from_pretrained(
             resolved, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
         )
     except (OSError, ValueError) as exc:
         raise ForgeError(f"cannot load a model from {resolved}: {str(exc).splitlines()[0]}") from None
+    except SafetensorError as exc:
+        where = _unreadable_weights(Path(resolved))
+        raise ForgeError(f"{where}: not a readable safetensors file (truncated or corrupt: {exc})") from None
+
+
+def _unreadable_weights(folder: Path) -> Path:
+    """The weights file safetensors cannot open (its error does not say which), else the folder itself."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except SafetensorError:
+            return file
+    return folder
 
 
 @torch.no_grad()

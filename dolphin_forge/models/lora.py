@@ -173,6 +173,18 @@ def apply_adapter(model: torch.nn.Module, adapter_dir: Path, base_dir: str) -> A
         raise ForgeError(f"{adapter_dir}: the adapter does not fit the base model {base_dir} ({first})") from None
 
 
+def check_merge_output(output_dir: Path, adapter_dir: Path, base_dir: Path) -> None:
+    """Refused before the base model loads: `save_pretrained` replaces files without asking, so writing into the
+    base model's folder (or over another model) would silently overwrite its weights with the merged ones."""
+    if output_dir.is_file():
+        raise ForgeError(f"{output_dir}: is a file; expected a folder for the merged model (it is created if missing)")
+    for folder, what in ((adapter_dir, "the adapter"), (base_dir, "the base model")):
+        if output_dir.resolve() == folder.resolve():
+            raise ForgeError(f"{output_dir}: is {what}'s folder; choose another folder for the merged model")
+    if (output_dir / "config.json").is_file() or any(output_dir.glob("*.safetensors")):
+        raise ForgeError(f"{output_dir}: already holds a model; choose another folder or remove it")
+
+
 def merge_lora(adapter_dir: Path, output_dir: Path, base_model: str | None = None) -> Path:
     """Load the base model, apply the adapter in `adapter_dir`, merge it and save a plain HF model folder."""
     from dolphin_forge.models.default import resolve_model_path
@@ -184,6 +196,7 @@ def merge_lora(adapter_dir: Path, output_dir: Path, base_model: str | None = Non
         raise ForgeError(f"{where} is empty or not a folder name; pass --base-model")
     base_key = "--base-model" if base_model else where
     base_dir = resolve_model_path(base_model or recorded, key=base_key)
+    check_merge_output(output_dir, adapter_dir, Path(base_dir))
     tokenizer = adapter_tokenizer(adapter_dir, base_dir, base_key)
     model = load_model(base_dir)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:

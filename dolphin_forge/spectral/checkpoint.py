@@ -76,6 +76,11 @@ class Checkpoint:
         """
         if not self.folder.is_dir():
             raise ForgeError(f"{self.key}: {self.folder} is not a folder")
+        if (self.folder / "adapter_config.json").is_file():  # else: its lora_A/lora_B weights match no module type
+            raise ForgeError(
+                f"{self.key}: {self.folder} is a LoRA adapter, not a model; merge it first "
+                "(dolphin-forge merge-lora ADAPTER OUT) and name the merged folder"
+            )
         single, index = self.folder / SINGLE_FILE, self.folder / INDEX_FILE
         if index.is_file() and not single.is_file():
             return self._indexed_files(index)

@@ -20,7 +20,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dolphin_forge.config import ForgeConfig, resolve_path
-from dolphin_forge.errors import ForgeError, read_text_file
+from dolphin_forge.errors import ForgeError, missing_file, read_text_file
 from dolphin_forge.evaluate.perplexity import PerplexityResult, perplexity_of_ids, tokenize_text
 from dolphin_forge.models.default import resolve_model_path
 from dolphin_forge.models.load import load_model, load_tokenizer
@@ -130,7 +130,7 @@ def _eval_ids(config: ForgeConfig, config_path: Path | None, tokenizer: Any) -> 
         raise ForgeError("laser.eval_file: set a plain-text file to score changes on (e.g. wikitext2_test.raw)")
     path = resolve_path(settings.eval_file, config_path)
     if not path.is_file():
-        raise ForgeError(f"laser.eval_file: {path} not found")
+        raise ForgeError(f"laser.eval_file: {path} {missing_file(path)}")
     try:
         text = read_text_file(path, "plain UTF-8 text to score changes on")
     except ForgeError as exc:

@@ -106,6 +106,8 @@ def test_phrase_lists_can_be_added_removed_and_replaced(tmp_path: Path) -> None:
 def test_phrase_list_mistakes_are_forge_errors(tmp_path: Path) -> None:
     with pytest.raises(ForgeError, match="phrase_files"):
         phrase_list(CurateRefusalConfig(phrase_files=[str(tmp_path / "missing.txt")]))
+    with pytest.raises(ForgeError, match=f"^curate.refusal.phrase_files: {tmp_path} is a folder, not a file "):
+        phrase_list(CurateRefusalConfig(phrase_files=[str(tmp_path)]))  # not "does not exist": it does
     with pytest.raises(ForgeError, match="not in the phrase list"):
         phrase_list(CurateRefusalConfig(remove=["no such phrase here"]))
     with pytest.raises(ForgeError, match="empty"):

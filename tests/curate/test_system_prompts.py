@@ -78,6 +78,8 @@ def test_prompt_files(tmp_path: Path) -> None:
         load_prompt_file(str(bad), None, "key")
     with pytest.raises(ForgeError, match="curate.system_prompts.file"):
         load_prompt_file(str(tmp_path / "missing.yaml"), None, "curate.system_prompts.file")
+    with pytest.raises(ForgeError, match=f"^curate.system_prompts.file: {tmp_path} is a folder, not a file "):
+        load_prompt_file(str(tmp_path), None, "curate.system_prompts.file")
 
 
 SYSTEM_TALK = chat(

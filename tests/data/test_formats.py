@@ -216,3 +216,22 @@ def test_a_row_of_an_unforeseen_shape_is_a_problem_not_a_crash():
     with pytest.raises(RowProblem) as info:
         to_conversation(Record("f.jsonl", 2, row), DatasetConfig(path="f.jsonl"))
     assert str(info.value).startswith("f.jsonl:2: unexpected row structure")
+
+
+def test_openai_content_parts_are_trained_as_their_text_not_as_json():
+    """Dumped as JSON, `[{"type": "text", ...}]` would be trained as brackets and keys, silently."""
+    parts = [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]
+    messages = normalise({"messages": [{"role": "user", "content": parts},
+                                       {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}]},
+                         type="chat_template")
+    assert messages == [Message("user", "Hi there"), Message("assistant", "Hello")]
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                          {"role": "assistant", "content": "A cat"}]}
+    with pytest.raises(RowProblem) as info:
+        normalise(image, type="chat_template")
+    assert (info.value.reason, str(info.value)) == (
+        "bad_field", "f.jsonl:1: turn 1 field 'content' holds a 'image_url' part; only text parts can be trained")
+    tool = [{"type": "restaurant", "name": "Roma"}]  # a tool's result is any JSON and stays JSON
+    messages = normalise({"messages": [{"role": "user", "content": "Q"}, {"role": "tool", "content": tool},
+                                       {"role": "assistant", "content": "A"}]}, type="chat_template")
+    assert json.dumps(tool) in messages[1].content

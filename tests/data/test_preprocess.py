@@ -195,3 +195,20 @@ def test_data_files_choose_the_files_inside_a_dataset_folder(tmp_path, tokenizer
     assert report["rows_read"] == 2 and report["rows_kept"] == 2
     with pytest.raises(ForgeError, match="data_files .*part9.jsonl not found"):
         preprocess(make_config(tmp_path, [{"path": str(folder), "data_files": "part9.jsonl"}]), tokenizer=tokenizer)
+
+
+def test_with_no_usable_row_the_error_names_the_empty_file_or_a_rows_own_reason(tmp_path, tokenizer):
+    """The counts alone hide the fix: a row of the commonest reason carries it in its own words (set type: alpaca)."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ForgeError) as info:
+        preprocess(make_config(tmp_path, [{"path": str(empty)}]), tokenizer=tokenizer)
+    assert str(info.value) == f"datasets: no rows in {empty}; expected JSON or JSONL rows"
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Hi", "output": "Hello"}] * 2))
+    with pytest.raises(ForgeError) as info:
+        preprocess(make_config(tmp_path, [{"path": str(alpaca)}]), tokenizer=tokenizer)
+    assert str(info.value) == (
+        "datasets: none of the 2 rows read is usable (dropped: missing_field 2); "
+        f"e.g. {alpaca}:1: field 'conversations' is missing (looks like alpaca: set type: alpaca)"
+    )

@@ -69,6 +69,22 @@ def test_a_typo_is_reported_before_any_model_is_loaded(tmp_path):
     assert "'winogrand' has no local copy" in str(result.exception)
 
 
+def test_two_perplexity_files_of_one_name_are_refused_before_any_model_is_loaded(tmp_path):
+    """Results are kept by file name: wiki/test.txt's score would silently be replaced by ptb/test.txt's."""
+    for folder in ("wiki", "ptb"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "test.txt").write_text("Some text to score.")
+    config = tmp_path / "eval.yml"
+    config.write_text(f"base_model: {tmp_path / 'no-such-model'}\noutput_dir: {tmp_path}\n")
+    files = [str(tmp_path / "wiki" / "test.txt"), str(tmp_path / "ptb" / "test.txt")]
+    result = CliRunner().invoke(app, ["eval", str(config), "--perplexity", files[0], "--perplexity", files[1]])
+    assert isinstance(result.exception, ForgeError)
+    assert str(result.exception) == (
+        f"eval.perplexity_files: {files[0]} and {files[1]} share the name 'test.txt', under which results are kept; "
+        "rename one, or list a file once"
+    )
+
+
 def test_too_short_perplexity_file_names_the_file(tmp_path, tiny_model_dir):
     text = tmp_path / "short.txt"
     text.write_text("", encoding="utf-8")

@@ -78,6 +78,30 @@ def test_unknown_or_unrunnable_tasks_are_one_line_errors(tmp_path):
         resolve_tasks(["mmlu"], None)
 
 
+def test_a_damaged_local_eval_file_names_its_line_instead_of_a_traceback(tmp_path):
+    """A task is scored on every row of its file, so a damaged line stops the task (named) rather than being skipped."""
+    (tmp_path / "winogrande").mkdir()
+    dev = tmp_path / "winogrande" / "dev.jsonl"
+    dev.write_text('{"sentence": "a _ b", "option1": "x", "option2": "y", "answer": "1"}\n{"sentence": "cut off\n')
+    with pytest.raises(ForgeError) as info:
+        local_data.load_winogrande(str(tmp_path))
+    assert str(info.value) == f"{dev}:2: not valid JSON (Unterminated string starting at at column 14); every row " \
+        "of a task's file is scored"
+    dev.write_bytes(b'{"sentence": "caf\xe9"}\n')
+    with pytest.raises(ForgeError, match=f"^{dev}: not UTF-8 text \\(byte 17"):
+        local_data.load_winogrande(str(tmp_path))
+    (tmp_path / "mmlu" / "test").mkdir(parents=True)
+    csv = tmp_path / "mmlu" / "test" / "anatomy_test.csv"
+    csv.write_text("Q1?,a,b,c,d,B\nQ2?,a,b,c\n")  # a row cut short
+    with pytest.raises(ForgeError) as info:
+        local_data.load_mmlu(str(tmp_path), subject="anatomy")
+    assert str(info.value) == f"{csv}: row 2: expected a question, four choices and an answer letter A-D"
+    (tmp_path / "truthfulqa").mkdir()
+    (tmp_path / "truthfulqa" / "mc_task.json").write_text('[{"question": "Q?"},')
+    with pytest.raises(ForgeError, match="mc_task.json:1: not valid JSON \\(Expecting value\\); expected the release"):
+        local_data.load_truthfulqa(str(tmp_path))
+
+
 def test_local_loaders_match_the_release_files(shared_data):
     eval_dir = shared_data / "eval"
     arc = local_data.load_arc(str(eval_dir), subset="Challenge")

@@ -6,7 +6,7 @@ import pytest
 
 from dolphin_forge.config import load_config
 from dolphin_forge.errors import ForgeError
-from dolphin_forge.models.load import load_tokenizer
+from dolphin_forge.models.load import load_model, load_tokenizer
 from tests.data.test_chatml import E, S, tokenizer_with_plain_markers
 
 
@@ -50,3 +50,29 @@ def test_tokenizer_errors_name_the_key_the_folder_came_from(tmp_path, key, named
         load_tokenizer(config, key=key)
     with pytest.raises(ForgeError, match="^tokenizer_config: 'nowhere' is not a local folder"):
         load_tokenizer(config.model_copy(update={"tokenizer_config": "nowhere"}), key=key)
+
+
+@pytest.mark.parametrize(("name", "kind"), [("model.gguf", "a GGUF file"), ("weights.bin", "a file")])
+def test_a_model_file_instead_of_a_folder_is_named_as_such(tmp_path, name, kind):
+    """transformers would read the file as config.json and call it invalid JSON."""
+    (tmp_path / name).write_bytes(b"GGUF\x03\x00")
+    config = load_config(data={"base_model": str(tmp_path / name)}).config
+    with pytest.raises(ForgeError) as info:
+        load_tokenizer(config)
+    expected = f"base_model: {str(tmp_path / name)!r} is {kind}; expected a Hugging Face model folder"
+    assert str(info.value) == f"{expected} (config.json, safetensors)"
+
+
+def test_a_folder_without_config_json_is_named(tiny_model_dir):
+    (tiny_model_dir / "config.json").unlink()
+    with pytest.raises(ForgeError, match=r"^cannot load a model from .*: no config.json \(expected a Hugging Face"):
+        load_model(tiny_model_dir)
+
+
+def test_a_truncated_weights_file_is_named_not_a_traceback(tiny_model_dir):
+    weights = tiny_model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ForgeError) as info:
+        load_model(tiny_model_dir)
+    assert str(info.value).startswith(f"{weights}: not a readable safetensors file (truncated or corrupt: ")
+    assert "\n" not in str(info.value)

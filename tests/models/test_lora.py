@@ -92,3 +92,30 @@ def test_without_its_own_tokenizer_the_adapter_merges_with_the_base_models(adapt
         expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir)(ids)
         merged = AutoModelForCausalLM.from_pretrained(merged_dir)(ids)
     torch.testing.assert_close(merged.logits, expected.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_the_merged_model_never_overwrites_a_model_or_a_file(adapter_dir, tmp_path, tiny_model_dir):
+    """Checked before the base loads: save_pretrained would replace the base model's weights without asking."""
+    weights = (tiny_model_dir / "model.safetensors").read_bytes()
+    (tmp_path / "a-file").write_text("x")
+    cases = [
+        (tiny_model_dir, f"{tiny_model_dir}: is the base model's folder; choose another folder for the merged model"),
+        (adapter_dir, f"{adapter_dir}: is the adapter's folder; choose another folder for the merged model"),
+        (tmp_path / "a-file", f"{tmp_path / 'a-file'}: is a file; expected a folder for the merged model"),
+    ]
+    for output, expected in cases:
+        with pytest.raises(ForgeError) as info:
+            merge_lora(adapter_dir, output)
+        assert one_line(info).startswith(expected)
+    merge_lora(adapter_dir, tmp_path / "merged")
+    with pytest.raises(ForgeError, match="merged: already holds a model; choose another folder or remove it"):
+        merge_lora(adapter_dir, tmp_path / "merged")
+    assert (tiny_model_dir / "model.safetensors").read_bytes() == weights
+
+
+def test_an_adapter_folder_without_config_json_still_loads_onto_its_base(adapter_dir):
+    """`eval --model <LoRA output>` works through transformers' adapter loading; the config.json check allows it."""
+    from dolphin_forge.models.load import load_model
+
+    assert not (adapter_dir / "config.json").exists()
+    assert load_model(adapter_dir).get_input_embeddings().weight.shape[1] == 64

@@ -82,6 +82,15 @@ def test_a_folder_with_only_mistral_consolidated_weights_says_so(tmp_path):
         Checkpoint(tmp_path)
 
 
+def test_a_lora_adapter_folder_is_named_as_one(tmp_path):
+    """Its lora_A/lora_B weights would otherwise be listed as the model's types, matching no module type."""
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 4)},
+              tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(ForgeError, match=f"^spectrum.model: {tmp_path} is a LoRA adapter, not a model; merge it first"):
+        Checkpoint(tmp_path, "spectrum.model")
+
+
 def test_the_stages_name_their_own_model_key(tmp_path):
     config = load_config(data={"output_dir": str(tmp_path), "spectrum": {"model": "nonexist"},
                                 "laser": {"model": "nonexist"}}).config

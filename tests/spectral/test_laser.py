@@ -280,6 +280,8 @@ def test_laser_errors(tmp_path, tiny_model_dir):
     base = {"base_model": str(tiny_model_dir), "output_dir": str(tmp_path)}
     with pytest.raises(ForgeError, match="laser.eval_file: set a plain-text file"):
         run_laser(load_config(data=base).config)
+    with pytest.raises(ForgeError, match=f"^laser.eval_file: {tmp_path} is a folder, not a file$"):
+        run_laser(load_config(data={**base, "laser": {"eval_file": str(tmp_path)}}).config)
     short = tmp_path / "short.txt"
     short.write_text("A few words only.")
     with pytest.raises(ForgeError, match=r"has \d+ tokens; search_tokens \+ heldout_tokens = 4096"):

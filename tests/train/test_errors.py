@@ -59,7 +59,7 @@ def test_under_deepspeed_a_nan_loss_never_reaches_the_engine_step(tiny_model_dir
     stepping_losses, backward = [], Accelerator.backward
 
     def spy(self, loss, **kwargs):
-        stepping_losses.append(float(loss))
+        stepping_losses.append(float(loss.detach()))
         return backward(self, loss, **kwargs)
 
     monkeypatch.setattr(Accelerator, "backward", spy)

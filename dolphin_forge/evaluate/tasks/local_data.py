@@ -14,12 +14,15 @@ its own example.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 import datasets
+
+from dolphin_forge.errors import ForgeError, read_text_file
 
 
 def _root(data_dir: str | None) -> Path:
@@ -29,8 +32,18 @@ def _root(data_dir: str | None) -> Path:
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """Every row of a release JSONL file. A damaged line stops the task, named: unlike training data, a benchmark
+    scored on the rows that happen to parse would be comparable with no one's score."""
+    records = []
+    for number, line in enumerate(read_text_file(path, "the release's JSON Lines file").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            detail = f"not valid JSON ({exc.msg} at column {exc.colno}); every row of a task's file is scored"
+            raise ForgeError(f"{path}:{number}: {detail}") from None
+    return records
 
 
 def load_arc(data_dir: str | None = None, subset: str = "Challenge", **_: Any) -> datasets.DatasetDict:
@@ -61,8 +74,7 @@ def load_mmlu(data_dir: str | None = None, subject: str = "", **_: Any) -> datas
 
     def rows(split: str) -> datasets.Dataset:
         path = _root(data_dir) / "mmlu" / split / f"{subject}_{split}.csv"
-        with path.open(encoding="utf-8", newline="") as handle:
-            records = list(csv.reader(handle))
+        records = _mmlu_rows(path)
         return datasets.Dataset.from_list(
             [
                 {"question": q, "subject": subject, "choices": [a, b, c, d], "answer": "ABCD".index(letter.strip())}
@@ -73,9 +85,22 @@ def load_mmlu(data_dir: str | None = None, subject: str = "", **_: Any) -> datas
     return datasets.DatasetDict({"test": rows("test"), "dev": rows("dev")})
 
 
+def _mmlu_rows(path: Path) -> list[list[str]]:
+    """A release CSV's rows, each checked: a damaged one stops the task, named, as in `_jsonl`."""
+    rows = list(csv.reader(io.StringIO(read_text_file(path, "an MMLU release CSV file"), newline="")))
+    for number, row in enumerate(rows, start=1):
+        if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
+            raise ForgeError(f"{path}: row {number}: expected a question, four choices and an answer letter A-D")
+    return rows
+
+
 def load_truthfulqa(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     """TruthfulQA multiple choice from `mc_task.json` (answer -> label maps) as `{choices, labels}` lists."""
-    records = json.loads((_root(data_dir) / "truthfulqa" / "mc_task.json").read_text(encoding="utf-8"))
+    path = _root(data_dir) / "truthfulqa" / "mc_task.json"
+    try:
+        records = json.loads(read_text_file(path, "TruthfulQA's mc_task.json"))
+    except json.JSONDecodeError as exc:
+        raise ForgeError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); expected the release file") from None
 
     def targets(mapping: dict[str, int]) -> dict[str, list]:
         return {"choices": list(mapping), "labels": [int(v) for v in mapping.values()]}
