@@ -503,8 +503,10 @@ class ForgeConfig(BaseModel):
     def missing_paths(self, config_path: Path | None) -> list[str]:
         """Files the config names that are not there (checked by `validate`; the stages fail on them later)."""
         problems = []
-        if self.base_model != "default" and not resolve_path(self.base_model, config_path).exists():
-            problems.append(f"base_model {self.base_model!r} is not a local folder (no hub here; try `default`)")
+        base = resolve_path(self.base_model, config_path)
+        if self.base_model != "default" and not base.is_dir():
+            what = "is a file, not a model folder" if base.exists() else "is not a local folder (no hub; try `default`)"
+            problems.append(f"base_model {self.base_model!r} {what}")
         for index, dataset in enumerate(self.datasets):
             folder = resolve_path(dataset.path, config_path)
             if not folder.exists():
@@ -644,6 +646,12 @@ def describe_error(error: dict[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
+def _is_union_branch(part: Any) -> bool:
+    """pydantic names the alternative of a union it tried inside the key's location; the user wrote no such key."""
+    branches = ("str", "bool", "int", "float", "list[str]", "dict[str,any]")
+    return isinstance(part, str) and (part.startswith(("function-", "literal[")) or part in branches)
+
+
 def _error_lines(
     exc: ValidationError, source: str, data: dict[str, Any], lines: dict[str, int], flags: dict[KeyPath, str]
 ) -> list[str]:
@@ -653,7 +661,7 @@ def _error_lines(
     """
     seen: dict[str, tuple[int, str]] = {}
     for error in exc.errors():
-        loc = [p for p in error["loc"] if not (isinstance(p, str) and (p.startswith(("function-", "literal[")) or p in ("str", "bool", "int", "float", "list[str]", "dict[str,any]")))]
+        loc = [p for p in error["loc"] if not _is_union_branch(p)]
         key = ".".join(str(p) for p in loc) or "(config)"
         if key in seen:  # another alternative of a union (`bf16: true | auto | full`): each is allowed
             line, text = seen[key]

@@ -195,6 +195,9 @@ def test_data_files_are_checked_by_validate_and_refused_in_curate_sources(tmp_pa
     (tmp_path / "a.jsonl").write_text("{}\n")
     config = load_config(data={"datasets": [{"path": str(tmp_path), "data_files": ["a.jsonl", "b.jsonl"]}]}).config
     assert config.missing_paths(None) == [f"datasets.0.data_files 'b.jsonl' is not a file in {str(tmp_path)!r}"]
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")  # `validate` must not pass a file that every stage refuses
+    gguf = load_config(data={"base_model": str(tmp_path / "model.gguf")}).config
+    assert gguf.missing_paths(None) == [f"base_model {str(tmp_path / 'model.gguf')!r} is a file, not a model folder"]
     with pytest.raises(ForgeError, match="curate.sources.0.data_files = 'a.jsonl': not supported in curate sources"):
         load_config(data={"curate": {"sources": [{"path": str(tmp_path), "data_files": "a.jsonl"}]}})
 
