@@ -7,6 +7,7 @@ Safe by default: weights load only from safetensors (`use_safetensors=True`, so 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,25 @@ def open_tokenizer(folder: str | Path, key: str, trust_remote_code: bool = False
         raise ForgeError(f"{key}: {folder} has no tokenizer (none of {', '.join(TOKENIZER_MARKERS)})")
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except json.JSONDecodeError as exc:  # transformers does not say which of the folder's JSON files it was reading
+        where = _invalid_json_file(Path(folder)) or Path(folder)
+        raise ForgeError(f"{key}: {where}:{exc.lineno}: not valid JSON ({exc.msg}); a truncated copy?") from None
     except (OSError, ValueError) as exc:
         raise ForgeError(f"{key}: cannot load a tokenizer from {folder}: {str(exc).strip().splitlines()[0]}") from None
+    except Exception as exc:  # valid JSON of the wrong shape ends in a bare KeyError, or in tokenizers' own error
+        raise ForgeError(
+            f"{key}: cannot load a tokenizer from {folder}: its files are damaged or of another format "
+            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'})"
+        ) from None
+
+
+def _invalid_json_file(folder: Path) -> Path | None:
+    for file in sorted(folder.glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return file
+    return None
 
 
 def tokenizer_folder(config: ForgeConfig, config_path: Path | None, key: str = "base_model") -> tuple[str, str]:

@@ -6,7 +6,7 @@ import pytest
 
 from dolphin_forge.config import load_config
 from dolphin_forge.errors import ForgeError
-from dolphin_forge.models.load import load_model, load_tokenizer
+from dolphin_forge.models.load import load_model, load_tokenizer, open_tokenizer
 from tests.data.test_chatml import E, S, tokenizer_with_plain_markers
 
 
@@ -46,7 +46,8 @@ def test_a_relative_base_model_resolves_beside_the_config_for_validate_and_prepr
 def test_tokenizer_errors_name_the_key_the_folder_came_from(tmp_path, key, named):
     (tmp_path / "no-tokenizer").mkdir()
     config = load_config(data={"base_model": str(tmp_path / "no-tokenizer")}).config
-    with pytest.raises(ForgeError, match=f"^{named}: {tmp_path / 'no-tokenizer'} has no tokenizer \\(none of tokenizer.json, "):
+    no_tokenizer = f"^{named}: {tmp_path / 'no-tokenizer'} has no tokenizer \\(none of tokenizer.json, "
+    with pytest.raises(ForgeError, match=no_tokenizer):
         load_tokenizer(config, key=key)
     with pytest.raises(ForgeError, match="^tokenizer_config: 'nowhere' is not a local folder"):
         load_tokenizer(config.model_copy(update={"tokenizer_config": "nowhere"}), key=key)
@@ -76,3 +77,15 @@ def test_a_truncated_weights_file_is_named_not_a_traceback(tiny_model_dir):
         load_model(tiny_model_dir)
     assert str(info.value).startswith(f"{weights}: not a readable safetensors file (truncated or corrupt: ")
     assert "\n" not in str(info.value)
+
+
+def test_a_damaged_tokenizer_file_is_named_in_one_line(tiny_model_dir):
+    """A truncated copy names the file and line; valid JSON of another shape (transformers: a bare KeyError) says so."""
+    text = (tiny_model_dir / "tokenizer.json").read_text()
+    (tiny_model_dir / "tokenizer.json").write_text(text[:5000])
+    with pytest.raises(ForgeError, match=r"^base_model: .*tokenizer\.json:\d+: not valid JSON \(Expecting"):
+        open_tokenizer(tiny_model_dir, "base_model")
+    (tiny_model_dir / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    with pytest.raises(ForgeError, match=r"^base_model: cannot load a tokenizer from .*: its files are damaged or of "
+                                         r"another format \(KeyError: 'added_tokens'\)$"):
+        open_tokenizer(tiny_model_dir, "base_model")
