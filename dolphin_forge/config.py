@@ -361,6 +361,19 @@ INERT_AXOLOTL_KEYS: dict[str, str] = {
 }
 
 
+#: The keys `gradient_checkpointing_kwargs` may hold (torch.utils.checkpoint's options) and their allowed values.
+CHECKPOINTING_KWARGS: dict[str, tuple[Any, ...]] = {
+    "use_reentrant": (True, False),
+    "preserve_rng_state": (True, False),
+    "determinism_check": ("default", "none"),
+    "debug": (True, False),
+}
+
+
+def _yaml_word(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
 class ForgeConfig(BaseModel):
     """Every stage's settings. Field names and meanings follow Axolotl so that existing configs keep working."""
 
@@ -453,6 +466,28 @@ class ForgeConfig(BaseModel):
     def _empty_means_default(cls, value: Any, info: ValidationInfo) -> Any:
         """Axolotl configs often leave these keys present but empty (`tokens:`); that means the default."""
         return cls.model_fields[info.field_name].default_factory() if value is None else value
+
+    @field_validator("gradient_checkpointing_kwargs")
+    @classmethod
+    def _checkpointing_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """torch's checkpoint hands unknown keys to the layer, which ignores them, or (with use_reentrant) fails
+        at the first step; a string such as `no` would silently count as true."""
+        for key, given in (value or {}).items():
+            allowed = CHECKPOINTING_KWARGS.get(key)
+            if allowed is None:
+                raise ValueError(f"unknown key {key!r}: expected one of {', '.join(CHECKPOINTING_KWARGS)}")
+            if given not in allowed or type(given) is not type(allowed[0]):
+                raise ValueError(f"{key} = {given!r}: expected {' or '.join(map(_yaml_word, allowed))}")
+        return value
+
+    @field_validator("resume_from_checkpoint", mode="before")
+    @classmethod
+    def _checkpoint_folder_or_auto(cls, value: Any) -> Any:
+        """HF's Trainer spells "the newest checkpoint" `true` (and "none" `false`): name this product's spelling
+        instead of answering "expected a string"."""
+        if value is True:
+            raise ValueError("expected a checkpoint folder, or auto for the newest one in output_dir (not true)")
+        return None if value is False else value
 
     @field_validator("fsdp", mode="before")
     @classmethod

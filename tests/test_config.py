@@ -300,3 +300,31 @@ def test_a_key_set_twice_is_a_warning_naming_both_lines(tmp_path):
     loaded = load_config(path)
     assert loaded.config.learning_rate == 2e-5
     assert loaded.warnings == [f"{path}: learning_rate is set more than once (lines 1, 3); the last value is used"]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ("{use_reentrant: true, foo: 1}", "unknown key 'foo': expected one of use_reentrant, preserve_rng_state, "),
+    ("{use_reentrant: 'no'}", "use_reentrant = 'no': expected true or false"),
+    ("{determinism_check: strict}", "determinism_check = 'strict': expected 'default' or 'none'"),
+])
+def test_gradient_checkpointing_kwargs_are_torch_checkpoint_options(tmp_path, kwargs, message):
+    """torch passes unknown keys on to the layer (ignored, or a traceback mid-step with use_reentrant), and a quoted
+    'no' would count as true."""
+    path = tmp_path / "c.yml"
+    path.write_text(f"gradient_checkpointing: true\ngradient_checkpointing_kwargs: {kwargs}\n")
+    with pytest.raises(ForgeError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}:2: gradient_checkpointing_kwargs = ") and message in str(info.value)
+    assert "\n" not in str(info.value)
+    loaded = load_config(data={"gradient_checkpointing_kwargs": {"use_reentrant": False, "preserve_rng_state": True}})
+    assert loaded.config.gradient_checkpointing_kwargs == {"use_reentrant": False, "preserve_rng_state": True}
+
+
+def test_resume_from_checkpoint_true_names_auto(tmp_path):
+    """HF's Trainer takes `true` for the newest checkpoint; "expected a string" would not say what to write."""
+    path = tmp_path / "c.yml"
+    path.write_text("resume_from_checkpoint: true\n")
+    with pytest.raises(ForgeError, match=re.escape(f"{path}:1: resume_from_checkpoint = True: expected a checkpoint "
+                                                   "folder, or auto for the newest one in output_dir (not true)")):
+        load_config(path)
+    assert load_config(data={"resume_from_checkpoint": False}).config.resume_from_checkpoint is None

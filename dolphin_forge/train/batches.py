@@ -93,13 +93,30 @@ class BatchPlan:
     def steps_per_epoch(self) -> int:
         return max(1, math.ceil(self.micro_batches_per_epoch / self.accumulation_steps))
 
+    @property
+    def rows_per_epoch(self) -> int:
+        """Rows visited per epoch: all of them, padded by wrapping around with several processes."""
+        if self.world_size == 1:
+            return self.num_rows
+        return self.micro_batches_per_epoch * self.micro_batch_size * self.world_size
+
     def epoch_order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(self.num_rows, generator=generator).tolist()
         if self.world_size > 1:
-            total = self.micro_batches_per_epoch * self.micro_batch_size * self.world_size
-            order = [order[i % self.num_rows] for i in range(total)]
+            order = [order[i % self.num_rows] for i in range(self.rows_per_epoch)]
         return order
+
+    def data_order(self) -> dict[str, int]:
+        """What decides the rows of every step, as a checkpoint records it (see `checkpoint.check_same_data_order`)."""
+        return {
+            "rows": self.num_rows,
+            "seed": self.seed,
+            "micro_batch_size": self.micro_batch_size,
+            "gradient_accumulation_steps": self.accumulation_steps,
+            "processes": self.world_size,
+            "rows_per_epoch": self.rows_per_epoch,
+        }
 
     def window(self, step: int) -> list[list[int]]:
         """Row indices of this process's micro-batches for optimizer step `step` (0-based, counted over epochs)."""

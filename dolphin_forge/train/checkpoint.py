@@ -307,25 +307,106 @@ def _optimizer_tensors(folder: Path, meta: dict[str, Any], params: dict[str, Any
     return folder / f"optimizer-{rank}.safetensors"
 
 
+def _damaged(folder: Path, file: Path, why: str) -> ForgeError:
+    """A checkpoint missing a file or holding a truncated one cannot resume exactly: name the file and a way on."""
+    step = _NAME.match(folder.name)
+    earlier = [c.name for c in checkpoints(folder.parent) if step and int(_NAME.match(c.name)[1]) < int(step[1])]
+    way = f"set resume_from_checkpoint to {folder.parent / earlier[-1]}" if earlier else "start a new run"
+    return ForgeError(f"resume_from_checkpoint: {folder} is damaged: {file.name} {why}; {way}")
+
+
+def _read_json(folder: Path, name: str) -> Any:
+    """One of the checkpoint's JSON files; a missing or cut-off one is named (json's own error names no file)."""
+    file = folder / name
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _damaged(folder, file, "is missing") from None
+    except json.JSONDecodeError as exc:
+        raise _damaged(folder, file, f"is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except UnicodeDecodeError:
+        raise _damaged(folder, file, "is not UTF-8 text") from None
+
+
+def _read_tensors(folder: Path, file: Path) -> dict[str, torch.Tensor]:
+    """One of the checkpoint's safetensors files; safetensors' own error for a truncated one names no file."""
+    from safetensors import SafetensorError
+
+    if not file.is_file():
+        raise _damaged(folder, file, "is missing")
+    try:
+        return load_file(str(file))
+    except SafetensorError as exc:
+        raise _damaged(folder, file, f"is not a readable safetensors file (truncated or corrupt: {exc})") from None
+
+
+def _rng_files(folder: Path, rank: int) -> tuple[Path, Path]:
+    """This process's RNG files; a run resumed on more processes than wrote it starts the new ones from rank 0's."""
+    if not (folder / f"rng-{rank}.safetensors").is_file() and not (folder / f"rng-{rank}.json").is_file():
+        rank = 0
+    return folder / f"rng-{rank}.safetensors", folder / f"rng-{rank}.json"
+
+
+def check_same_data_order(folder: Path, saved: dict[str, int] | None, current: dict[str, int]) -> None:
+    """Resuming must continue on the rows the checkpoint's run would have trained next (see `batches.BatchPlan`).
+
+    Changing micro_batch_size against gradient_accumulation_steps keeps every step's rows and is allowed; any other
+    change of the order would silently train other rows than an uninterrupted run. Old checkpoints record none.
+    """
+    if saved is None:
+        return
+    differ = []
+    if saved["rows"] != current["rows"]:
+        differ.append(f"{saved['rows']} training rows there, {current['rows']} here (datasets, val_set_size, "
+                      "sequence_len or packing changed)")
+    if saved["seed"] != current["seed"]:
+        differ.append(f"seed {saved['seed']} there, {current['seed']} here")
+    per_step = [d["micro_batch_size"] * d["gradient_accumulation_steps"] * d["processes"] for d in (saved, current)]
+    if per_step[0] != per_step[1] or saved["rows_per_epoch"] != current["rows_per_epoch"]:
+        sizes = [f"{d['micro_batch_size']} x {d['gradient_accumulation_steps']} x {d['processes']}"
+                 for d in (saved, current)]
+        differ.append(f"micro_batch_size x gradient_accumulation_steps x processes = {sizes[0]} there, {sizes[1]} "
+                      "here" + ("" if per_step[0] != per_step[1] else " (padded differently across processes)"))
+    if differ:
+        raise ForgeError(
+            f"resume_from_checkpoint: {folder} was written with a different config: its remaining steps would train "
+            f"on other rows ({'; '.join(differ)}); resume with the settings it was written with"
+        )
+
+
 def load_checkpoint(
-    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, world: int = 1
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rank: int,
+    world: int = 1,
+    data_order: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Restore trainable weights, optimizer and this process's RNG from `folder`; returns its `state.json`."""
+    """Restore trainable weights, optimizer and this process's RNG from `folder`; returns its `state.json`.
+
+    Every file is read and checked before anything is restored, so a damaged checkpoint or one from another
+    `data_order` (this run's, see `check_same_data_order`) is refused with the model untouched.
+    """
     if not (folder / "optimizer.json").is_file():
+        if (folder / "optimizer.safetensors").is_file() or any(folder.glob("optimizer-*.safetensors")):
+            raise _damaged(folder, folder / "optimizer.json", "is missing")
         raise ForgeError(
             f"resume_from_checkpoint: {folder} holds weights only (a DeepSpeed run's checkpoint: its engine keeps "
             "the optimizer state), so it cannot be resumed"
         )
-    weights = load_file(str(folder / "trainable.safetensors"))
+    state = _read_json(folder, "state.json")
+    weights = _read_tensors(folder, folder / "trainable.safetensors")
     params = dict(model.named_parameters())
-    opt_meta = json.loads((folder / "optimizer.json").read_text())
+    opt_meta = _read_json(folder, "optimizer.json")
     _check_same_setup(folder, weights, params, opt_meta, optimizer)
     optimizer_file = _optimizer_tensors(folder, opt_meta, params, rank, world)
+    if data_order is not None:
+        check_same_data_order(folder, state.get("data"), data_order)
+    opt_tensors = _read_tensors(folder, optimizer_file)
+    rng_file, rng_meta_file = _rng_files(folder, rank)
+    rng = _read_tensors(folder, rng_file)
+    rng_meta = _read_json(folder, rng_meta_file.name)
     _copy_weights(params, weights)
-    _load_optimizer(optimizer, load_file(str(optimizer_file)), opt_meta)
-    rng = folder / f"rng-{rank}.safetensors"
-    if not rng.is_file():
-        rng = folder / "rng-0.safetensors"  # resumed on a different number of processes
-        rank = 0
-    _set_rng_state(load_file(str(rng)), json.loads((folder / f"rng-{rank}.json").read_text()))
-    return json.loads((folder / "state.json").read_text())
+    _load_optimizer(optimizer, opt_tensors, opt_meta)
+    _set_rng_state(rng, rng_meta)
+    return state

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from dolphin_forge.config import ForgeConfig, resolve_path
-from dolphin_forge.errors import ForgeError
+from dolphin_forge.errors import ForgeError, read_text_file
 
 
 def fill_deepspeed_auto(
@@ -81,9 +81,32 @@ def read_deepspeed_config(config: ForgeConfig, config_path: Path | None) -> dict
     if not path.is_file():
         raise ForgeError(f"deepspeed: {config.deepspeed} not found")
     try:
-        return json.loads(path.read_text())
+        ds = json.loads(read_text_file(path, "a DeepSpeed JSON config"))
     except json.JSONDecodeError as exc:
         raise ForgeError(f"deepspeed: {path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    check_deepspeed_shape(ds, path)
+    return ds
+
+
+def check_deepspeed_shape(ds: Any, path: Path) -> None:
+    """The sections `fill_deepspeed_auto` reads must be JSON objects; another shape would end in an AttributeError."""
+    if not isinstance(ds, dict):
+        raise _not_an_object(path, "the top level", ds)
+    for key in ("zero_optimization", "optimizer", "scheduler"):
+        value = ds.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise _not_an_object(path, key, value)
+        params = value.get("params") if isinstance(value, dict) and key != "zero_optimization" else None
+        if params is not None and not isinstance(params, dict):
+            raise _not_an_object(path, f"{key}.params", params)
+
+
+def _not_an_object(path: Path, where: str, value: Any) -> ForgeError:
+    kinds = {list: "an array", str: "a string", bool: "true or false", int: "a number", float: "a number"}
+    return ForgeError(
+        f"deepspeed: {path}: {where} is {kinds.get(type(value), 'null')}; "
+        'expected a JSON object of DeepSpeed settings ({"key": value, ...})'
+    )
 
 
 def fsdp_options(config: ForgeConfig) -> tuple[list[str], dict[str, Any]]:

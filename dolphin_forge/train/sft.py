@@ -56,7 +56,7 @@ from dolphin_forge.train.metrics import (
     progress_bar,
     training_flops,
 )
-from dolphin_forge.train.optim import build_optimizer, build_scheduler, check_optimizer_supported
+from dolphin_forge.train.optim import build_optimizer, build_scheduler, check_optimizer_supported, lr_factor
 
 SUMMARY_FILE = "training_summary.json"
 
@@ -260,7 +260,9 @@ class SFTRecipe:
                 "optimizer state); resume with FSDP or DDP (fsdp keys, or none), or start from the checkpoint"
             )
         if resume is not None:
-            saved = ckpt.load_checkpoint(resume, self._unwrapped, self.optimizer, acc.process_index, acc.num_processes)
+            saved = ckpt.load_checkpoint(resume, self._unwrapped, self.optimizer, acc.process_index, acc.num_processes,
+                                         data_order=self.plan.data_order())
+            saved.pop("data", None)
             step = saved.pop("step")
             self.scheduler.load_state_dict(saved.pop("scheduler"))
             state.update(saved)
@@ -442,7 +444,7 @@ class SFTRecipe:
             step,
             trainable=self._trainable_state(),
             optimizer=None if self._deepspeed else self.optimizer,  # DeepSpeed's engine: weights only, see checkpoint
-            state={**state, "scheduler": self.scheduler.state_dict()},
+            state={**state, "scheduler": self.scheduler.state_dict(), "data": self.plan.data_order()},
             rank=acc.process_index,
             is_main=acc.is_main_process,
             barrier=acc.wait_for_everyone,
@@ -552,12 +554,24 @@ class SFTRecipe:
             )
         for pattern in self.freeze.unmatched:
             self._warn(f"unfrozen_parameters: {pattern!r} matches no parameter")
+        if self.config.warmup_steps and self.config.warmup_steps >= self.total_steps:
+            self._warn(self._short_run_warmup())
         processes = f"{self.accelerator.num_processes} process(es)" + (" sharded by FSDP" if self.fsdp else "")
         self.console.print(
             f"{len(self.train_rows)} training rows, {self.plan.steps_per_epoch} steps per epoch, "
             f"{self.total_steps} steps, {processes}, precision: "
             f"{self.mixed if self.mixed != 'no' else 'float32'}"
             f"{'' if self.mixed == 'no' else ' (FSDP mixed precision)' if self.fsdp else ' autocast'}"
+        )
+
+    def _short_run_warmup(self) -> str:
+        """A warmup longer than the run (a short test run of a long config, or max_steps lowered) is legal but means
+        the schedule never reaches learning_rate; nothing else in the output would show it."""
+        peak = lr_factor(self.total_steps - 1, schedule=self.config.lr_scheduler, warmup=self.config.warmup_steps,
+                         total=self.total_steps)
+        return (
+            f"warmup_steps: {self.config.warmup_steps} warmup steps in a run of {self.total_steps}: the learning rate "
+            f"only reaches {peak:.0%} of learning_rate and never decays; lower warmup_steps or use warmup_ratio"
         )
 
     def _chat_ready(self, model: Any) -> None:

@@ -161,6 +161,32 @@ def test_deepspeed_auto_values_are_filled_from_the_config():
     assert plain["bf16"]["enabled"] is False and plain["fp16"]["enabled"] is False
 
 
+@pytest.mark.parametrize(("text", "named"), [
+    ("[1, 2]", "the top level is an array"),
+    ('{"zero_optimization": "stage3"}', "zero_optimization is a string"),
+    ('{"optimizer": {"type": "AdamW", "params": [0.9]}}', "optimizer.params is an array"),
+])
+def test_a_deepspeed_json_of_another_shape_is_one_line(tmp_path, text, named):
+    """Read as a mapping when its "auto" values are filled: an AttributeError wherever deepspeed is installed."""
+    from dolphin_forge.train.distributed import read_deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    with pytest.raises(ForgeError, match=rf"^deepspeed: {path}: {named}; expected a JSON object of DeepSpeed settings"):
+        read_deepspeed_config(ForgeConfig(deepspeed=str(path)), None)
+
+
+def test_a_warmup_longer_than_the_run_is_a_warning(tiny_model_dir, tmp_path):
+    from rich.console import Console
+
+    console = Console(record=True, width=300)
+    config = ForgeConfig(base_model=str(tiny_model_dir), output_dir=str(tmp_path / "out"), sequence_len=64,
+                         max_steps=2, warmup_steps=100)
+    train(config, train_rows=random_rows(4, 49152, seed=1), console=console)
+    assert ("warning: warmup_steps: 100 warmup steps in a run of 2: the learning rate only reaches 1% of "
+            "learning_rate") in console.export_text()
+
+
 def test_schedules():
     cosine = [lr_factor(s, schedule="cosine", warmup=2, total=10) for s in range(10)]
     assert cosine[:3] == [0.0, 0.5, 1.0] and cosine[-1] > 0 and all(a >= b for a, b in zip(cosine[2:], cosine[3:]))

@@ -181,6 +181,9 @@ def small_run(model_dir: Path, out: Path, **overrides) -> ForgeConfig:
          "its optimizer groups hold .* unfrozen_parameters row ranges"),
         ({}, {"tokens": ["<|new_token|>"]},
          r"\S+ has shape \(49152, 64\) there and \(49153, 64\) here; resume with the tokens"),
+        ({}, {"micro_batch_size": 2}, r"its remaining steps would train on other rows \(micro_batch_size x "
+         r"gradient_accumulation_steps x processes = 1 x 1 x 1 there, 2 x 1 x 1 here\); resume with the settings"),
+        ({}, {"seed": 7}, r"its remaining steps would train on other rows \(seed 42 there, 7 here\)"),
     ],
 )
 def test_resume_with_a_changed_config_names_the_key(tiny_model_dir, tmp_path, first, then, named):
@@ -192,6 +195,56 @@ def test_resume_with_a_changed_config_names_the_key(tiny_model_dir, tmp_path, fi
     with pytest.raises(ForgeError,
                        match=f"resume_from_checkpoint: .*checkpoint-1 was written with a different config: {named}"):
         train(changed, train_rows=rows)
+
+
+def test_trading_micro_batch_size_for_accumulation_steps_resumes(tiny_model_dir, tmp_path):
+    """Every step still trains the same rows (as after an out-of-memory error on resume): not refused."""
+    rows = random_rows(4, 49152, seed=1)
+    out = tmp_path / "out"
+    train(small_run(tiny_model_dir, out, micro_batch_size=2), train_rows=rows)
+    (out / "model.safetensors").rename(tmp_path / "uninterrupted.safetensors")
+    resumed = small_run(tiny_model_dir, out, resume_from_checkpoint="auto", micro_batch_size=1,
+                        gradient_accumulation_steps=2)
+    assert train(resumed, train_rows=rows).steps == 2
+    expected = load_file(str(tmp_path / "uninterrupted.safetensors"))
+    for name, value in final_weights(out).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5)
+
+
+def one_weight_module() -> torch.nn.Module:
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.zeros(2, 2))
+    return module
+
+
+def truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:-10])
+
+
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda f: (f / "optimizer.safetensors").unlink(), "optimizer.safetensors is missing"),
+        (lambda f: (f / "optimizer.json").unlink(), "optimizer.json is missing"),
+        (lambda f: (f / "rng-0.json").unlink(), "rng-0.json is missing"),
+        (lambda f: (f / "rng-0.safetensors").unlink(), "rng-0.safetensors is missing"),
+        (lambda f: truncate(f / "trainable.safetensors"),
+         r"trainable.safetensors is not a readable safetensors file \(truncated or corrupt"),
+        (lambda f: truncate(f / "state.json"), r"state.json is not valid JSON \(line \d+: "),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_in_one_line_before_anything_is_restored(tmp_path, damage, named):
+    save(tmp_path, 1, 1.0)
+    folder = save(tmp_path, 2, 2.0)
+    damage(folder)
+    module = one_weight_module()
+    optimizer = torch.optim.AdamW(module.parameters())
+    earlier = r"; set resume_from_checkpoint to .*checkpoint-1$"
+    expected = rf"^resume_from_checkpoint: {folder} is damaged: {named}.*{earlier}"
+    with pytest.raises(ForgeError, match=expected) as info:
+        ckpt.load_checkpoint(folder, module, optimizer, 0)
+    assert "\n" not in str(info.value)
+    assert torch.equal(module.w, torch.zeros(2, 2)) and not optimizer.state  # nothing half restored
 
 
 def test_a_weights_only_checkpoint_of_a_sharded_run_is_refused_on_resume(tmp_path):
