@@ -254,12 +254,20 @@ def save_best_weights(
 
 def load_best_weights(folders: list[Path], model: torch.nn.Module, step: int, run_id: str) -> Path | None:
     """Put the weights this run kept at `step` back into `model`, from the first of `folders` holding them; None
-    (model untouched) when none does, so another run's or another step's weights are never used."""
+    (model untouched) when none does, so another run's or another step's weights are never used. A damaged folder
+    (a full disk, a half copy) raises ForgeError naming it, with the model untouched."""
+    from safetensors import SafetensorError
+
     for folder in (f / BEST for f in folders):
-        saved = json.loads((folder / "state.json").read_text()) if (folder / "state.json").is_file() else {}
-        if saved.get("step") == step and saved.get("run") == run_id:
-            _copy_weights(dict(model.named_parameters()), load_file(str(folder / "trainable.safetensors")))
-            return folder
+        try:
+            saved = json.loads((folder / "state.json").read_text()) if (folder / "state.json").is_file() else {}
+            if not (isinstance(saved, dict) and saved.get("step") == step and saved.get("run") == run_id):
+                continue
+            weights = load_file(str(folder / "trainable.safetensors"))
+        except (OSError, ValueError, SafetensorError) as exc:  # a cut-off state.json is a JSONDecodeError
+            raise ForgeError(f"{folder} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        _copy_weights(dict(model.named_parameters()), weights)
+        return folder
     return None
 
 

@@ -521,9 +521,13 @@ class SFTRecipe:
             folders.append(self.resumed_from.parent)
         if self.fsdp:
             reshard(self.model)
-        if not self._deepspeed and ckpt.load_best_weights(folders, self._unwrapped, best[0], run):
-            return best[0]
         why = "under DeepSpeed they are not kept yet" if self._deepspeed else f"no {ckpt.BEST}/ holds them"
+        if not self._deepspeed:
+            try:
+                if ckpt.load_best_weights(folders, self._unwrapped, best[0], run):
+                    return best[0]
+            except ForgeError as exc:  # the run's own weights are still good: write them rather than nothing
+                why = str(exc)
         if self.console and self.accelerator.is_main_process:
             self._warn(
                 f"load_best_model_at_end: the best validation loss was at step {best[0]} but {why}; "

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from dolphin_forge.config import ForgeConfig
+from dolphin_forge.train import checkpoint as ckpt
 from dolphin_forge.train.sft import SFTRecipe, train
 from tests.train.rows import random_rows
 
@@ -218,11 +220,36 @@ def test_early_stopping_ends_with_the_best_weights_unless_told_not_to(tiny_model
     assert any(not torch.equal(got[name], not_want[name]) for name in want)
 
 
+def test_damaged_best_weights_leave_the_last_weights_and_a_warning(tiny_model_dir, tmp_path, monkeypatch):
+    """A run must not end without output because best-weights/ was damaged after it was written (a full disk)."""
+    from rich.console import Console
+
+    import dolphin_forge.evaluate.perplexity as perplexity
+
+    losses = iter([5.0, 4.0, 3.0, 3.5, 3.6])
+    monkeypatch.setattr(perplexity, "validation_loss", lambda model, rows, batch_size: next(losses))
+    save = ckpt.save_best_weights
+
+    def save_then_damage(output_dir, *args):
+        save(output_dir, *args)
+        weights = output_dir / ckpt.BEST / "trainable.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+
+    monkeypatch.setattr(ckpt, "save_best_weights", save_then_damage)
+    console = Console(record=True, width=300)
+    rows = random_rows(4, 49152, seed=1)
+    config = tiny_config(tiny_model_dir, tmp_path / "out", max_steps=10, eval_steps=1, early_stopping_patience=2)
+    result = train(config, train_rows=rows, val_rows=rows[:1], console=console)
+    assert (result.steps, result.summary["best_step"], result.summary["weights_from_step"]) == (4, 2, 4)
+    assert (result.output_dir / "model.safetensors").is_file()
+    assert re.search(r"warning: load_best_model_at_end: the best validation loss was at step 2 but .*best-weights is "
+                     r"damaged \(SafetensorError: .*\); the output holds the weights of step 4", console.export_text())
+
+
 def test_best_weights_of_another_step_or_run_are_not_used(tiny_model_dir, tmp_path):
     """A resumed run may find best-weights/ written after its checkpoint by the killed run, or an unrelated run's
     in its output_dir: never load those. A resumed run's own may lie beside the checkpoint it came from."""
     from dolphin_forge.models.load import load_model
-    from dolphin_forge.train import checkpoint as ckpt
 
     model = load_model(tiny_model_dir)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
