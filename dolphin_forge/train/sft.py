@@ -260,8 +260,7 @@ class SFTRecipe:
                 "optimizer state); resume with FSDP or DDP (fsdp keys, or none), or start from the checkpoint"
             )
         if resume is not None:
-            saved = ckpt.load_checkpoint(resume, self._unwrapped, self.optimizer, acc.process_index, acc.num_processes,
-                                         data_order=self.plan.data_order())
+            saved = self._load_checkpoint_everywhere(resume)
             saved.pop("data", None)
             step = saved.pop("step")
             self.scheduler.load_state_dict(saved.pop("scheduler"))
@@ -313,6 +312,26 @@ class SFTRecipe:
             self._evaluate(step, state)
         self.sink.close()
         return self._finish(step, stopped, state)
+
+    def _load_checkpoint_everywhere(self, folder: Path) -> dict[str, Any]:
+        """`load_checkpoint` on every process, which all stop if one cannot: with a file missing for one process only
+        (its FSDP shard, its RNG) the others would go on as if resumed until the launcher kills them, or wait for it
+        in the first collective."""
+        acc = self.accelerator
+        problem: ForgeError | None = None
+        try:
+            saved = ckpt.load_checkpoint(folder, self._unwrapped, self.optimizer, acc.process_index,
+                                         acc.num_processes, data_order=self.plan.data_order())
+        except ForgeError as exc:
+            problem = exc
+        if acc.num_processes > 1:
+            failed = int(acc.reduce(torch.tensor(int(problem is not None), device=acc.device), reduction="sum"))
+            if failed and problem is None:
+                problem = ForgeError(f"resume_from_checkpoint: {folder}: another process could not read its part "
+                                     "of the checkpoint (its error is printed above or below)")
+        if problem is not None:
+            raise problem
+        return saved
 
     def _run_id(self) -> str:
         """One id for this run on every process (each FSDP process loads its shard of the best weights by it)."""

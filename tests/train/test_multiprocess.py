@@ -72,12 +72,14 @@ main()
 """
 
 
-def torchrun_train(config: Path, processes: int = 2, script: Path | None = None) -> None:
+def torchrun_train(config: Path, processes: int = 2, script: Path | None = None, ok: bool = True) -> str:
+    """Run `train` under torchrun; returns its output (stdout and stderr), asserting the exit status is `ok`'s."""
     program = [str(script)] if script else ["-m", "dolphin_forge.cli", "train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
            str(29500 + os.getpid() % 1000), *program, str(config)]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode == 0) == ok, result.stderr[-3000:]
+    return result.stdout + result.stderr
 
 
 def assert_same_weights(folder: Path, reference: Path) -> None:
@@ -127,6 +129,13 @@ def test_fsdp_matches_one_process_resumes_exactly_and_keeps_its_best_weights(one
     got, want = load_file(str(resumed / "model.safetensors")), load_file(str(fsdp / "model.safetensors"))
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+
+    damaged = one.with_name("fsdp-damaged")  # one process's shard is gone: both stop, neither waits for the other
+    shutil.copytree(saved, damaged / "checkpoint-2")
+    (damaged / "checkpoint-2" / "optimizer-1.safetensors").unlink()
+    output = torchrun_train(write_config(damaged, {**values, "resume_from_checkpoint": "auto"}), ok=False)
+    assert "checkpoint-2 is damaged: optimizer-1.safetensors is missing" in output
+    assert "another process could not read its part of the checkpoint" in output
 
     single = one.with_name("fsdp-one-process")
     shutil.copytree(saved, single / "checkpoint-2")
