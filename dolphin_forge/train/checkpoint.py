@@ -217,7 +217,7 @@ def save_checkpoint(
         if is_main:
             (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
     if is_main:
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        _write_trainable(trainable, tmp)
     barrier()
     if is_main:
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=float))
@@ -228,6 +228,10 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def _write_trainable(trainable: dict[str, torch.Tensor], folder: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(folder / "trainable.safetensors"))
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -247,7 +251,7 @@ def save_best_weights(
     tmp = output_dir / f".tmp-{BEST}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    _write_trainable(trainable, tmp)
     (tmp / "state.json").write_text(json.dumps({"step": step, "val_loss": val_loss, "run": run_id}))
     _move_into_place(tmp, output_dir / BEST)
 

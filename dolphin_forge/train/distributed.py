@@ -148,8 +148,8 @@ def shard_model(model: torch.nn.Module, config: ForgeConfig, device: torch.devic
 
     options, fsdp_config = fsdp_options(config)
     grad_op = "shard_grad_op" in options or str(fsdp_config.get("sharding_strategy", "")).upper() == "SHARD_GRAD_OP"
-    reshard = fsdp_config.get("reshard_after_forward")
-    kwargs: dict[str, Any] = {"reshard_after_forward": bool(reshard) if reshard is not None else not grad_op}
+    configured = fsdp_config.get("reshard_after_forward")
+    kwargs: dict[str, Any] = {"reshard_after_forward": bool(configured) if configured is not None else not grad_op}
     if mixed in ("bf16", "fp16"):
         half = torch.bfloat16 if mixed == "bf16" else torch.float16
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
