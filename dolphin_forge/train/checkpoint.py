@@ -8,7 +8,8 @@ A checkpoint is a folder ``checkpoint-<step>`` in the output folder holding:
   as many processes. DeepSpeed's engine keeps its optimizer state to itself: there a checkpoint holds the weights
   only and cannot be resumed;
 * ``rng-<rank>.safetensors`` + ``rng-<rank>.json``: each process's torch (CPU and CUDA), numpy and Python RNG states;
-* ``state.json``: the step, the scheduler, early-stopping bookkeeping. It is written last.
+* ``state.json``: the step, the optimizer settings it was written with, the data order, early-stopping
+  bookkeeping. It is written last.
 
 When the run keeps its best weights (`load_best_model_at_end`, on with early stopping), ``best-weights/`` holds
 the trainable weights of the best validation loss so far, the step and the run they come from, written the same way.
@@ -176,10 +177,10 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
         state.setdefault(int(index), {})[name] = value
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
-    # which kernel runs (fused, foreach) is this run's choice, not the checkpoint's: a resumed run computes as before
-    kernels = ("fused", "foreach", "capturable", "differentiable")
+    # the groups' settings (learning rate, decay, betas, which kernel runs) are this run's, from its config: only
+    # the state (moments, step counts) comes from the checkpoint; `optim.changed_settings` says what differs
     groups = [
-        {**saved, **{k: group[k] for k in kernels if k in group}}
+        {**{k: v for k, v in group.items() if k != "params"}, "params": saved["params"]}
         for saved, group in zip(meta["param_groups"], optimizer.param_groups)
     ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})

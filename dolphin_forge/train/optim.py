@@ -114,11 +114,40 @@ def lr_factor(step: int, *, schedule: str, warmup: int, total: int, min_ratio: f
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: ForgeConfig, total_steps: int) -> Any:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: ForgeConfig, total_steps: int, start_step: int = 0
+) -> Any:
+    """The config's schedule, positioned at `start_step` (a resumed run: the groups already hold `initial_lr`)."""
     warmup = warmup_steps(config, total_steps)
     min_ratio = config.cosine_min_lr_ratio or 0.0
 
     def factor(step: int) -> float:
         return lr_factor(step, schedule=config.lr_scheduler, warmup=warmup, total=total_steps, min_ratio=min_ratio)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)
+
+
+def optimizer_settings(config: ForgeConfig, total_steps: int) -> dict[str, Any]:
+    """Everything that fixes an optimizer step's update besides the state, as a checkpoint records it.
+
+    A resumed run trains with its own config's settings (`changed_settings` lists what differs), like a fresh one.
+    Torch's and the HF Trainer's resume keeps the checkpoint's learning rate instead, silently, a common surprise
+    when a run is resumed with a lower one; here the config a user reads is the one that trains.
+    """
+    return {
+        "learning_rate": config.learning_rate,
+        "lr_scheduler": config.lr_scheduler,
+        "warmup_steps": warmup_steps(config, total_steps),
+        "cosine_min_lr_ratio": config.cosine_min_lr_ratio or 0.0,
+        "total_steps": total_steps,
+        "weight_decay": config.weight_decay,
+        "adam_beta1": config.adam_beta1,
+        "adam_beta2": config.adam_beta2,
+        "adam_epsilon": config.adam_epsilon,
+    }
+
+
+def changed_settings(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """`key old -> new` for every setting a checkpoint was written with that this run changes (none if unrecorded)."""
+    saved = saved or {}
+    return [f"{key} {saved[key]} -> {value}" for key, value in current.items() if key in saved and saved[key] != value]

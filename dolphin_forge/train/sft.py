@@ -56,7 +56,14 @@ from dolphin_forge.train.metrics import (
     progress_bar,
     training_flops,
 )
-from dolphin_forge.train.optim import build_optimizer, build_scheduler, check_optimizer_supported, lr_factor
+from dolphin_forge.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    changed_settings,
+    check_optimizer_supported,
+    lr_factor,
+    optimizer_settings,
+)
 
 SUMMARY_FILE = "training_summary.json"
 
@@ -262,13 +269,21 @@ class SFTRecipe:
         if resume is not None:
             saved = self._load_checkpoint_everywhere(resume)
             saved.pop("data", None)
+            saved.pop("scheduler", None)  # written before the optimizer settings were: the step fixes the schedule
             step = saved.pop("step")
-            self.scheduler.load_state_dict(saved.pop("scheduler"))
+            changed = changed_settings(saved.pop("optimizer_settings", None), self._optimizer_settings())
+            self.scheduler = build_scheduler(self.optimizer, config, self.total_steps, start_step=step)
             state.update(saved)
             if "run" not in saved:  # written before runs had an id; its best-weights/ has none either
                 state["run"] = None
             if main and self.console:
                 self.console.print(f"resumed from {resume} at step {step}")
+                if changed:
+                    self._warn(
+                        f"resume_from_checkpoint: this config changes {', '.join(changed)} against {resume.name}; "
+                        f"steps {step + 1} on train with this config's values, so the run will differ from an "
+                        "uninterrupted one"
+                    )
         self.sink = MetricsSink(self.output_dir, config, enabled=main, resumed_step=step)
         if main and self.console:
             self._print_setup(resume)
@@ -456,6 +471,9 @@ class SFTRecipe:
         patience = self.config.early_stopping_patience
         return bool(patience and state["bad_evals"] >= patience)
 
+    def _optimizer_settings(self) -> dict[str, Any]:
+        return optimizer_settings(self.config, self.total_steps)
+
     def _save_checkpoint(self, step: int, state: dict[str, Any]) -> Path:
         acc = self.accelerator
         return ckpt.save_checkpoint(
@@ -463,7 +481,7 @@ class SFTRecipe:
             step,
             trainable=self._trainable_state(),
             optimizer=None if self._deepspeed else self.optimizer,  # DeepSpeed's engine: weights only, see checkpoint
-            state={**state, "scheduler": self.scheduler.state_dict(), "data": self.plan.data_order()},
+            state={**state, "optimizer_settings": self._optimizer_settings(), "data": self.plan.data_order()},
             rank=acc.process_index,
             is_main=acc.is_main_process,
             barrier=acc.wait_for_everyone,

@@ -168,8 +168,8 @@ def test_pruning_removes_the_validity_marker_first(tmp_path, monkeypatch):
 
 
 def small_run(model_dir: Path, out: Path, **overrides) -> ForgeConfig:
-    return ForgeConfig(base_model=str(model_dir), output_dir=str(out), sequence_len=64, max_steps=2, save_steps=1,
-                       **overrides)
+    settings = {"sequence_len": 64, "max_steps": 2, "save_steps": 1, **overrides}
+    return ForgeConfig(base_model=str(model_dir), output_dir=str(out), **settings)
 
 
 @pytest.mark.parametrize(
@@ -271,3 +271,52 @@ def test_resuming_keeps_this_runs_optimizer_kernel(tmp_path):
     ckpt.load_checkpoint(folder, model, fused, 0)
     assert fused.param_groups[0]["fused"] is True
     assert torch.equal(fused.state[model.weight]["exp_avg"], unfused.state[model.weight]["exp_avg"])
+
+
+def train_lrs(out: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line["lr"] for line in lines if line["kind"] == "train"}
+
+
+def test_a_resumed_run_trains_with_its_own_configs_learning_rate_decay_and_schedule(tiny_model_dir, tmp_path):
+    """Resumed with a lower learning rate, another decay and a longer run: those apply, with a warning naming them
+    (the HF Trainer keeps the checkpoint's learning rate silently); the moments still come from the checkpoint."""
+    from rich.console import Console
+
+    from dolphin_forge.train.optim import lr_factor
+
+    rows = random_rows(4, 49152, seed=1)
+    first = dict(lr_scheduler="cosine", warmup_steps=1, max_steps=4, save_steps=2)
+    train(small_run(tiny_model_dir, tmp_path / "first", learning_rate=1e-3, weight_decay=0.0, **first),
+          train_rows=rows)
+    saved = tmp_path / "first" / "checkpoint-2"
+    console = Console(record=True, width=400)
+    changed = dict(first, max_steps=6, learning_rate=5e-4, weight_decay=0.1)
+    resumed = small_run(tiny_model_dir, tmp_path / "resumed", resume_from_checkpoint=str(saved), **changed)
+    assert train(resumed, train_rows=rows, console=console).steps == 6
+
+    text = console.export_text()
+    assert ("warning: resume_from_checkpoint: this config changes learning_rate 0.001 -> 0.0005, total_steps 4 -> 6, "
+            "weight_decay 0.0 -> 0.1 against checkpoint-2; steps 3 on train with this config's values") in text
+    lrs = train_lrs(tmp_path / "resumed")
+    assert sorted(lrs) == [3, 4, 5, 6]
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(5e-4 * lr_factor(step - 1, schedule="cosine", warmup=1, total=6), rel=1e-12)
+    groups = json.loads((tmp_path / "resumed" / "checkpoint-4" / "optimizer.json").read_text())["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [5e-4] * 3 and groups[0]["weight_decay"] == 0.1
+    before = load_file(str(saved / "optimizer.safetensors"))
+    after = load_file(str(tmp_path / "resumed" / "checkpoint-4" / "optimizer.safetensors"))
+    steps = [name for name in after if name.endswith(".step")]
+    assert steps and all(after[n].item() == before[n].item() + 2 for n in steps)  # moments went on, not restarted
+
+
+def test_an_unchanged_resume_warns_about_nothing(tiny_model_dir, tmp_path):
+    from rich.console import Console
+
+    rows = random_rows(4, 49152, seed=1)
+    out = tmp_path / "out"
+    train(small_run(tiny_model_dir, out, max_steps=3), train_rows=rows)
+    console = Console(record=True, width=400)
+    train(small_run(tiny_model_dir, tmp_path / "again", max_steps=3, resume_from_checkpoint=str(out / "checkpoint-2")),
+          train_rows=rows, console=console)
+    assert "resumed from" in console.export_text() and "warning" not in console.export_text()
