@@ -272,7 +272,9 @@ class LaserConfig(BaseModel):
     model: str | None = None  # default: base_model
     eval_file: str | None = None  # plain text; its first `search_tokens` tokens score changes
     search_tokens: int = Field(default=4096, gt=1)
-    heldout_tokens: int = Field(default=0, ge=0)  # the tokens after those: measured before and after only
+    # the tokens after those, measured before and after only; default: as many as search_tokens, or what the file
+    # has after them (a search on a few thousand tokens can pick noise that a held-out part exposes); 0 turns it off
+    heldout_tokens: int | None = Field(default=None, ge=0)
     max_length: int = Field(default=512, gt=1)
     batch_size: int = Field(default=4, gt=0)
     module_types: list[str] = Field(default_factory=lambda: list(SPECTRAL_MODULE_TYPES), min_length=1)
@@ -286,7 +288,7 @@ class LaserConfig(BaseModel):
 
     @field_validator("heldout_tokens")
     @classmethod
-    def _heldout_scorable(cls, value: int) -> int:
+    def _heldout_scorable(cls, value: int | None) -> int | None:
         """A perplexity needs two tokens (one predicted): catch 1 here, not after the model has been loaded."""
         if value == 1:
             raise ValueError("expected 0 (no held-out measurement) or a number >= 2")

@@ -65,7 +65,7 @@ def laser_summary(outputs: LaserOutputs) -> Table:
             f"{outputs.heldout_before.perplexity:.4f}", f"{outputs.heldout_after.perplexity:.4f}",
         )
     else:
-        table.add_row("held-out perplexity", "not measured (set laser.heldout_tokens)", "")
+        table.add_row("held-out perplexity", "not measured (heldout_tokens: 0, or eval_file ends there)", "")
     table.add_row("stopped by", result.stopped_by, f"{result.seconds:.1f} s")
     table.add_row("kept", ", ".join(result.kept) or "-", "")
     table.add_row("model", str(outputs.model_dir), "")

@@ -135,15 +135,14 @@ def _eval_ids(config: ForgeConfig, config_path: Path | None, tokenizer: Any) -> 
         text = read_text_file(path, "plain UTF-8 text to score changes on")
     except ForgeError as exc:
         raise ForgeError(f"laser.eval_file: {exc}") from None
-    needed = settings.search_tokens + settings.heldout_tokens
-    ids = tokenize_text(tokenizer, text, max_tokens=needed)
-    if ids.numel() < needed:
-        raise ForgeError(
-            f"laser.eval_file: {path} has {ids.numel()} tokens; search_tokens + heldout_tokens = {needed} are needed"
-        )
-    search = ids[: settings.search_tokens]
-    heldout = ids[settings.search_tokens :] if settings.heldout_tokens else None
-    return search, heldout
+    search_tokens, asked = settings.search_tokens, settings.heldout_tokens
+    ids = tokenize_text(tokenizer, text, max_tokens=search_tokens + (search_tokens if asked is None else asked))
+    required = search_tokens + (asked or 0)  # the default held-out part takes what the file has, if anything
+    if ids.numel() < required:
+        names = "search_tokens" if asked is None else "search_tokens + heldout_tokens"
+        raise ForgeError(f"laser.eval_file: {path} has {ids.numel()} tokens; {names} = {required} are needed")
+    heldout = ids[search_tokens:]
+    return ids[:search_tokens], heldout if heldout.numel() >= 2 else None
 
 
 def stored_dtype(checkpoint: Checkpoint) -> torch.dtype | None:

@@ -269,11 +269,36 @@ def test_reported_perplexities_are_those_of_the_saved_bf16_model(tmp_path, token
     heldout = perplexity_of_ids(saved, tokens[128:], max_length=64, stride=64, batch_size=2)
     assert outputs.result.final.nll == pytest.approx(search.nll, rel=1e-12)
     assert outputs.heldout_after.nll == pytest.approx(heldout.nll, rel=1e-12)
-    # without a held-out part (laser.heldout_tokens: 0, the default) the summary says it was not measured
+    # without a held-out part (laser.heldout_tokens: 0, or a file that ends there) the summary says it was not measured
     console = Console(record=True, width=200)
     console.print(laser_summary(replace(outputs, heldout_before=None, heldout_after=None)))
     row = [line for line in console.export_text().splitlines() if "held-out perplexity" in line]
-    assert len(row) == 1 and "not measured (set laser.heldout_tokens)" in row[0]
+    assert len(row) == 1 and "not measured (heldout_tokens: 0, or eval_file ends there)" in row[0]
+
+
+@pytest.mark.parametrize(
+    "file_tokens, heldout_tokens, expected",
+    [
+        (400, None, 128),  # default: as many held-out tokens as search tokens ...
+        (200, None, 72),  # ... or what the file has after the search part
+        (129, None, 0),  # one token left: nothing to score
+        (400, 0, 0),  # turned off
+        (400, 50, 50),
+    ],
+)
+def test_the_held_out_part_defaults_to_as_many_tokens_as_the_search(tmp_path, tokenizer, file_tokens, heldout_tokens,
+                                                                     expected):
+    ids = tokenize_text(tokenizer, own_text(200), max_tokens=file_tokens)
+    text = tmp_path / "text.txt"
+    text.write_text(tokenizer.decode(ids))
+    laser = {"eval_file": str(text), "search_tokens": 128, "heldout_tokens": heldout_tokens}
+    config = load_config(data={"base_model": "unused", "laser": laser}).config
+    search, heldout = stages._eval_ids(config, None, tokenizer)
+    assert torch.equal(search, ids[:128])
+    if expected:
+        assert torch.equal(heldout, ids[128 : 128 + expected])
+    else:
+        assert heldout is None
 
 
 def test_laser_errors(tmp_path, tiny_model_dir):
@@ -284,8 +309,10 @@ def test_laser_errors(tmp_path, tiny_model_dir):
         run_laser(load_config(data={**base, "laser": {"eval_file": str(tmp_path)}}).config)
     short = tmp_path / "short.txt"
     short.write_text("A few words only.")
-    with pytest.raises(ForgeError, match=r"has \d+ tokens; search_tokens \+ heldout_tokens = 4096"):
+    with pytest.raises(ForgeError, match=r"has \d+ tokens; search_tokens = 4096 are needed"):
         run_laser(load_config(data={**base, "laser": {"eval_file": str(short)}}).config)
+    with pytest.raises(ForgeError, match=r"has \d+ tokens; search_tokens \+ heldout_tokens = 4196 are needed"):
+        run_laser(load_config(data={**base, "laser": {"eval_file": str(short), "heldout_tokens": 100}}).config)
     with pytest.raises(ForgeError, match=r"laser\.order = 'random': expected one of"):
         load_config(data={**base, "laser": {"order": "random"}})
     with pytest.raises(ForgeError, match=r"laser\.heldout_tokens = 1: expected 0 \(no held-out .*\) or a number >= 2"):
