@@ -1,6 +1,7 @@
 """Preprocess throughput: dolphin-forge vs Axolotl's `chat_template` tokenisation, same rows, same tokenizer.
 
-The 5,000-row Alpaca sample (less its 2 empty answers) is repeated to 20,000 rows of OpenAI-style `messages` (Axolotl's chat_template input).
+The 5,000-row Alpaca sample (less its 2 empty answers) is repeated to 20,000 rows of OpenAI-style `messages`
+(Axolotl's chat_template input).
 Both sides run in their own interpreter, one process each, and time only the work on rows that are already in
 memory (parsing files and importing libraries are excluded on both sides):
   - Axolotl: `ChatTemplateStrategy.tokenize_prompt` per row (the function its `preprocess` maps over datasets);

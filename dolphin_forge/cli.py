@@ -129,11 +129,14 @@ def curate(
 ) -> None:
     """Clean, deduplicate, de-refuse and add system prompts: raw chat/instruction files into one ShareGPT JSONL."""
     from dolphin_forge.curate import curate as run_curate
-    from dolphin_forge.curate.report import print_report
+    from dolphin_forge.curate.report import all_rejected_error, print_report
 
     loaded = _load(config, ctx, strict)
     result = run_curate(loaded.config, loaded.path, progress=True)
     print_report(result.report, out, show_samples=samples, samples_per_filter=loaded.config.curate.samples)
+    failure = all_rejected_error(result.report, result.report_path)
+    if failure is not None:  # after the report: it says why each row was dropped
+        raise ForgeError(failure)
 
 
 @app.command(context_settings=STAGE)
@@ -153,7 +156,9 @@ def train(
 def merge_lora(
     adapter_dir: Path = typer.Argument(..., help="Output folder of a LoRA `train` run"),
     output_dir: Path = typer.Argument(..., help="Where to write the merged model"),
-    base_model: Optional[str] = typer.Option(None, "--base-model", help="Base model folder (default: from the adapter)"),
+    base_model: Optional[str] = typer.Option(
+        None, "--base-model", help="Base model folder (default: from the adapter)"
+    ),
 ) -> None:
     """Merge a LoRA adapter into its base model and save a plain HF model folder."""
     from dolphin_forge.models.lora import merge_lora as run_merge

@@ -139,13 +139,25 @@ class DatasetConfig(BaseModel):
         return value
 
 
+def _non_empty_token(value: str) -> str:
+    """An empty token would reach the tokenizer at `train` or `preprocess`, after the model has loaded, and fail
+    there with a message naming no config key (or, as a special token, silently mean nothing)."""
+    if value == "":
+        raise ValueError("a token must be non-empty text")
+    return value
+
+
+#: A token the config adds to the tokenizer (`tokens:`) or names as special (`special_tokens:`).
+Token = Annotated[str, AfterValidator(_non_empty_token)]
+
+
 class SpecialTokens(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    bos_token: str | None = None
-    eos_token: str | None = None
-    pad_token: str | None = None
-    unk_token: str | None = None
+    bos_token: Token | None = None
+    eos_token: Token | None = None
+    pad_token: Token | None = None
+    unk_token: Token | None = None
 
 
 # --- curate -----------------------------------------------------------------------------------------------------
@@ -388,7 +400,7 @@ class ForgeConfig(BaseModel):
     trust_remote_code: bool = False
     chat_template: Literal["chatml", "tokenizer_default"] | None = "chatml"
     special_tokens: SpecialTokens = Field(default_factory=SpecialTokens)
-    tokens: list[str] = Field(default_factory=list)
+    tokens: list[Token] = Field(default_factory=list)
     load_in_8bit: bool | None = False
     load_in_4bit: bool | None = False
 

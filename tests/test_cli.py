@@ -36,7 +36,9 @@ def test_errors_are_printed_as_text_so_bracketed_words_survive(monkeypatch, caps
     from dolphin_forge import cli
 
     def failing(**kwargs) -> None:
-        raise ForgeError("deepspeed: `pip install 'dolphin-forge[gpu]'`; a row range [start:end] must end after it starts")
+        raise ForgeError(
+            "deepspeed: `pip install 'dolphin-forge[gpu]'`; a row range [start:end] must end after it starts"
+        )
 
     monkeypatch.setattr(cli, "app", failing)
     monkeypatch.setattr(cli.console, "width", 300)

@@ -166,7 +166,8 @@ def test_roles_must_map_onto_chatml_roles():
 
 
 def test_roles_to_train_must_name_a_known_role():
-    config = load_config(data={"datasets": [{"path": "a", "roles": {"assistant": ["bot"]}, "roles_to_train": ["gpt", "Bot"]}]})
+    dataset = {"path": "a", "roles": {"assistant": ["bot"]}, "roles_to_train": ["gpt", "Bot"]}
+    config = load_config(data={"datasets": [dataset]})
     assert config.config.datasets[0].roles_to_train == ["gpt", "Bot"]
     with pytest.raises(ForgeError) as info:
         load_config(data={"datasets": [{"path": "a", "roles_to_train": ["asisstant"]}]})
@@ -328,3 +329,17 @@ def test_resume_from_checkpoint_true_names_auto(tmp_path):
                                                    "folder, or auto for the newest one in output_dir (not true)")):
         load_config(path)
     assert load_config(data={"resume_from_checkpoint": False}).config.resume_from_checkpoint is None
+
+
+@pytest.mark.parametrize(("yaml_text", "message"), [
+    ('tokens: ["<|im_start|>", ""]\n', "tokens.1 = '': a token must be non-empty text"),
+    ('special_tokens:\n  pad_token: ""\n', "special_tokens.pad_token = '': a token must be non-empty text"),
+])
+def test_an_empty_token_is_refused_naming_its_key(tmp_path, yaml_text, message):
+    """An empty token would otherwise reach the tokenizer after the model has loaded, naming no config key."""
+    path = tmp_path / "c.yml"
+    path.write_text(yaml_text)
+    with pytest.raises(ForgeError, match=re.escape(f"{path}:1: {message}")) as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
+    assert load_config(data={"tokens": None, "special_tokens": {"pad_token": None}}).config.tokens == []

@@ -83,6 +83,24 @@ class CurateReport:
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
+    def top_reasons(self, count: int = 3) -> list[tuple[str, int]]:
+        """The most frequent `filter: reason` pairs over all filters, most rows first."""
+        pairs = Counter({f"{name}: {reason}": rows for name, reasons in self.dropped.items()
+                         for reason, rows in reasons.items()})
+        return pairs.most_common(count)
+
+
+def all_rejected_error(report: CurateReport, report_path: Path) -> str | None:
+    """Why a run that kept no row failed, in one line, or None if a row was kept (or none was read).
+
+    An empty curated.jsonl with exit status 0 would let a script go on to preprocess and train on nothing; the
+    report is written first, so the message points at it for the per-filter reasons and samples.
+    """
+    if report.rows_read == 0 or report.rows_kept > 0:
+        return None
+    reasons = ", ".join(f"{reason} ({rows})" for reason, rows in report.top_reasons())
+    return f"curate: every one of {report.rows_read} rows was rejected (most often {reasons}); see {report_path}"
+
 
 def print_report(
     report: CurateReport, console: Console, show_samples: bool = True, samples_per_filter: int = 5

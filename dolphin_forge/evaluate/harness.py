@@ -19,6 +19,7 @@ limit) gives the same numbers to the last digit; `tests/evaluate` checks this on
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from dolphin_forge.errors import ForgeError
+from dolphin_forge.errors import ForgeError, missing_file
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
@@ -52,6 +53,52 @@ MMLU_SUBJECTS: tuple[str, ...] = tuple(
 
 #: MMLU's categories as the harness groups them (`mmlu_stem`, ...); `tasks/mmlu_local_<category>.yaml`.
 MMLU_CATEGORIES: tuple[str, ...] = ("stem", "other", "social_sciences", "humanities")
+
+
+def _mmlu_category(subject: str) -> str:
+    """A subject's category, from the `tag:` of its task file (`mmlu_local_stem_tasks` -> `stem`)."""
+    text = (TASKS_DIR / "mmlu" / f"mmlu_local_{subject}.yaml").read_text(encoding="utf-8")
+    return re.search(r"^tag: mmlu_local_(\w+)_tasks$", text, re.M).group(1)
+
+
+def _mmlu_subjects_of(harness_task: str) -> list[str]:
+    """The subjects a local MMLU task (the group, a category or one subject) reads."""
+    part = harness_task.removeprefix("mmlu_local").removeprefix("_")
+    if part in MMLU_SUBJECTS:
+        return [part]
+    return [subject for subject in MMLU_SUBJECTS if part in ("", _mmlu_category(subject))]
+
+
+def local_data_files(harness_task: str) -> list[str]:
+    """The release files a local task reads, relative to the data folder."""
+    from dolphin_forge.evaluate.tasks import local_data as data
+
+    if harness_task.startswith("mmlu_local"):
+        subjects = _mmlu_subjects_of(harness_task)
+        return [data.MMLU_FILE.format(split=split, subject=s) for s in subjects for split in data.MMLU_SPLITS]
+    if harness_task.startswith("arc_"):
+        subset = "Challenge" if harness_task == "arc_challenge_local" else "Easy"
+        return [data.ARC_FILE.format(subset=subset, split=split) for split in data.ARC_SPLITS.values()]
+    fixed = {"truthfulqa_mc1_local": data.TRUTHFULQA_FILE, "truthfulqa_mc2_local": data.TRUTHFULQA_FILE,
+             "winogrande_local": data.WINOGRANDE_FILE, "gsm8k_local": data.GSM8K_FILE,
+             "ifeval_local": data.IFEVAL_FILE}
+    return [fixed[harness_task]]
+
+
+def check_local_data(requests: Sequence[TaskRequest], data_dir: Path | None) -> None:
+    """Every file the local tasks read is there; checked before a model is loaded, since the harness would only
+    open them after the load (minutes for a large model) and then fail on the first missing one."""
+    for request in requests:
+        if data_dir is None or "_local" not in request.harness_task:
+            continue
+        missing = [data_dir / name for name in local_data_files(request.harness_task)
+                   if not (data_dir / name).is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more of its files)" if len(missing) > 1 else ""
+            raise ForgeError(
+                f"{request.name}: cannot load its data: {missing[0]} {missing_file(missing[0])}{more}; expected "
+                "eval.data_dir (or --data-dir) to hold the release files, laid out as ../shared/data/eval"
+            )
 
 
 def local_task(name: str) -> str | None:

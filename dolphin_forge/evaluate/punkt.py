@@ -55,22 +55,34 @@ def train_punkt(text: str, target: Path) -> None:
         (target / name).write_text(content, encoding="utf-8", newline="")
 
 
-def ensure_punkt(data_dir: Path | None) -> str | None:
-    """Make `punkt_tab/english` findable by NLTK; returns a note for the user when our substitute is used."""
+def _find_ours() -> Path:
+    """Our cache folder added to NLTK's data roots (once), so that a model trained earlier is found."""
     import nltk
 
     root = punkt_dir()
     if str(root) not in nltk.data.path:
         nltk.data.path.append(str(root))
-    if _installed():
-        return _substitute_note() if _ours_in_use() else None
-    text_file = data_dir / TRAINING_TEXT if data_dir else None
-    if text_file is None or not text_file.is_file():
+    return root
+
+
+def check_punkt(data_dir: Path | None) -> None:
+    """Refuse, in one line, a run whose IFEval could get no Punkt model: called before a model is loaded."""
+    _find_ours()
+    if not _installed() and (data_dir is None or not (data_dir / TRAINING_TEXT).is_file()):
         raise ForgeError(
             "ifeval: NLTK's punkt_tab model is not installed and cannot be downloaded here; install it "
             f"(python -m nltk.downloader punkt_tab) or put {TRAINING_TEXT} in eval.data_dir to train a substitute"
         )
-    train_punkt(text_file.read_text(encoding="utf-8"), root / "tokenizers" / "punkt_tab" / "english")
+
+
+def ensure_punkt(data_dir: Path | None) -> str | None:
+    """Make `punkt_tab/english` findable by NLTK; returns a note for the user when our substitute is used."""
+    root = _find_ours()
+    if _installed():
+        return _substitute_note() if _ours_in_use() else None
+    check_punkt(data_dir)
+    assert data_dir is not None  # check_punkt refused a run without the training text
+    train_punkt((data_dir / TRAINING_TEXT).read_text(encoding="utf-8"), root / "tokenizers" / "punkt_tab" / "english")
     return _substitute_note()
 
 

@@ -22,6 +22,7 @@ from dolphin_forge.evaluate.harness import (
     CPU_AUTO_BATCH_SIZE,
     HarnessRun,
     TaskRequest,
+    check_local_data,
     harness_model,
     resolve_tasks,
     run_harness,
@@ -92,11 +93,13 @@ class EvalPlan:
 
 
 def plan_evaluation(settings: EvalConfig, config_path: Path | None = None) -> EvalPlan:
-    """Resolve tasks, suites, the data folder and the perplexity files; one-line errors for anything missing."""
+    """Resolve tasks, suites, the data folder, its task files and the perplexity files; one-line errors for anything
+    missing."""
     data_dir = resolve_path(settings.data_dir, config_path) if settings.data_dir else None
     if data_dir is not None and not data_dir.is_dir():
         raise ForgeError(f"eval.data_dir: {data_dir} is not a folder")
     requests, skipped = resolve_tasks(settings.tasks, data_dir, settings.hub, settings.num_fewshot)
+    _check_task_data(requests, data_dir)
     files = [resolve_path(f, config_path) for f in settings.perplexity_files]
     for file in files:
         if not file.is_file():
@@ -105,6 +108,16 @@ def plan_evaluation(settings: EvalConfig, config_path: Path | None = None) -> Ev
     if not requests and not files:
         raise ForgeError(_nothing_to_run(skipped))
     return EvalPlan(data_dir, requests, skipped, files)
+
+
+def _check_task_data(requests: list[TaskRequest], data_dir: Path | None) -> None:
+    """The files the local tasks read, and IFEval's Punkt model (or the text to train one): the harness would only
+    look for them after the model has loaded."""
+    check_local_data(requests, data_dir)
+    if any(r.harness_task == "ifeval_local" for r in requests):
+        from dolphin_forge.evaluate.punkt import check_punkt
+
+        check_punkt(data_dir)
 
 
 def _check_distinct_names(files: list[Path]) -> None:

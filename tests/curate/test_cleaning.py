@@ -133,6 +133,7 @@ def test_language_filter_uses_the_first_user_turn() -> None:
 
 
 def test_a_language_the_filter_cannot_detect_is_refused():
-    with pytest.raises(ForgeError, match="curate.clean.languages: 'english' is not a language code .*expected one of en, de"):
+    message = "curate.clean.languages: 'english' is not a language code .*expected one of en, de"
+    with pytest.raises(ForgeError, match=message):
         Cleaner(CurateCleanConfig(languages=["en", "english"]))
     assert Cleaner(CurateCleanConfig(languages=["EN", "zh", "unknown"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +233,26 @@ def test_a_roles_mapping_onto_a_non_chatml_role_is_a_one_line_config_error() -> 
     with pytest.raises(ForgeError, match=r"curate\.sources\.0\.roles.*asistant") as error:
         load_config(data={"curate": {"sources": [{"path": "x.jsonl", "roles": {"asistant": ["bot"]}}]}})
     assert "\n" not in str(error.value)
+
+
+def test_cli_fails_in_one_line_when_every_row_is_rejected_but_writes_the_report(tmp_path: Path) -> None:
+    """An empty curated.jsonl with status 0 would let a script go on to train on nothing."""
+    data = write_jsonl(tmp_path / "bad.jsonl", [
+        "{broken\n", {"id": "r1", "conversations": "not a list"}, {"id": "r2", "conversations": "nor this"},
+        {"id": "r3", "conversations": [{"from": "human", "value": "Why?"}, {"from": "gpt", "value": REFUSAL}]},
+    ])
+    config = tmp_path / "cfg.yml"
+    config.write_text(f"curate:\n  processes: 1\n  output_dir: {tmp_path / 'out'}\n  sources:\n    - path: {data}\n",
+                      encoding="utf-8")
+    forge = [sys.executable, "-m", "dolphin_forge.cli", "curate", str(config), "--no-samples"]
+    done = subprocess.run(forge, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "400"})
+    report = tmp_path / "out" / "report.json"
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: curate: every one of 4 rows was rejected (most often format: bad_field (2), "
+                      f"format: bad_json (1), refusal: refusal (1)); see {report}"], done.stderr
+    assert "Traceback" not in done.stderr and "rows dropped per filter" in done.stdout
+    assert json.loads(report.read_text(encoding="utf-8"))["rows"] == {"read": 4, "kept": 0, "written": 0}
+    write_jsonl(data, [{"id": "ok", "conversations": GREETING}, "{broken\n"])
+    partly = subprocess.run(forge, capture_output=True, text=True, timeout=120)
+    assert partly.returncode == 0, partly.stderr

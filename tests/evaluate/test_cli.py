@@ -31,7 +31,8 @@ def test_eval_command_writes_results_and_tables(tmp_path, tiny_model_dir, tokeni
 
     from dolphin_forge.models.load import load_model
 
-    expected = perplexity_of_ids(load_model(tiny_model_dir), tokenize_text(tokenizer, text.read_text()), max_length=32, stride=16)
+    ids = tokenize_text(tokenizer, text.read_text())
+    expected = perplexity_of_ids(load_model(tiny_model_dir), ids, max_length=32, stride=16)
     assert payload["perplexity"]["text.txt"]["perplexity"] == pytest.approx(expected.perplexity, rel=1e-9)
     assert payload["perplexity"]["text.txt"]["tokens"] == expected.tokens
     assert payload["harness"]["results"]["winogrande_local"]["alias"] == "winogrande"
@@ -192,3 +193,30 @@ def test_a_model_folder_without_a_tokenizer_names_the_key_it_came_from(tmp_path,
     result = CliRunner().invoke(app, ["eval", str(config), "--perplexity", str(text), *models])
     assert isinstance(result.exception, ForgeError)
     assert str(result.exception).startswith(f"{source}: {bare} has no tokenizer (none of tokenizer.json, ")
+
+
+
+@pytest.mark.parametrize(("tasks", "missing"), [
+    ("winogrande", "winogrande/dev.jsonl does not exist"),
+    ("mmlu_stem", "mmlu/test/abstract_algebra_test.csv does not exist (and 37 more of its files)"),
+])
+def test_a_data_dir_without_the_task_files_is_refused_before_the_model_is_loaded(tmp_path, monkeypatch, tasks,
+                                                                                 missing):
+    """The harness opens the files only after the model has loaded: minutes lost on a large model."""
+    from dolphin_forge.evaluate import run
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data folder was checked")
+
+    monkeypatch.setattr(run, "load_for_eval", no_load)
+    (tmp_path / "model").mkdir()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config = tmp_path / "eval.yml"
+    config.write_text(f"base_model: {tmp_path / 'model'}\noutput_dir: {tmp_path}\neval:\n  data_dir: {empty}\n")
+    expected = (f"{tasks}: cannot load its data: {empty}/{missing}; expected eval.data_dir (or --data-dir) to hold "
+                "the release files, laid out as ../shared/data/eval")
+    for args in (["--data-dir", str(empty)], []):  # the option, and the config key it mirrors
+        result = CliRunner().invoke(app, ["eval", str(config), "--tasks", tasks, *args])
+        assert isinstance(result.exception, ForgeError), result.exception
+        assert str(result.exception) == expected

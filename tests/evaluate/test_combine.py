@@ -32,7 +32,8 @@ def test_subjects_run_one_by_one_and_joined_equal_one_grouped_run(tmp_path, tiny
     from dolphin_forge.models.load import load_model
 
     def group(name: str, tasks: list[str]) -> str:
-        return (f"group: {name}\ngroup_alias: {name.removeprefix('trio_')}\ntask:\n" + "".join(f"  - {t}\n" for t in tasks)
+        return (f"group: {name}\ngroup_alias: {name.removeprefix('trio_')}\ntask:\n"
+                + "".join(f"  - {t}\n" for t in tasks)
                 + "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\nmetadata:\n  version: 3\n")
 
     # nested like the harness' mmlu: a group of two category groups of subjects
@@ -94,7 +95,8 @@ def test_eval_combine_command_reports_mmlu_as_one_row(tmp_path):
     half = len(MMLU_SUBJECTS) // 2
     a = _piece(tmp_path / "a", list(MMLU_SUBJECTS[:half]), acc=0.2)
     b = _piece(tmp_path / "b", list(MMLU_SUBJECTS[half:]), acc=0.3)
-    result = CliRunner().invoke(app, ["eval-combine", str(a), str(b / "results.json"), "--output", str(tmp_path / "all")])
+    args = ["eval-combine", str(a), str(b / "results.json"), "--output", str(tmp_path / "all")]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     model = json.loads((tmp_path / "all" / "results.json").read_text())["models"][0]
     sizes = [100 + i for i in range(half)] + [100 + i for i in range(len(MMLU_SUBJECTS) - half)]

@@ -134,7 +134,8 @@ def test_truthfulqa_mc2_is_the_true_share_of_probability_mass():
 
 def test_winogrande_partial_scoring_fields():
     doc = {"sentence": "Anna gave Bea a book because _ was kind.", "option1": "Anna", "option2": "Bea", "answer": "2"}
-    assert local_data.winogrande_contexts(doc) == ["Anna gave Bea a book because Anna", "Anna gave Bea a book because Bea"]
+    contexts = ["Anna gave Bea a book because Anna", "Anna gave Bea a book because Bea"]
+    assert local_data.winogrande_contexts(doc) == contexts
     assert local_data.winogrande_continuation(doc) == "was kind."
     assert local_data.winogrande_context_index(doc) == 1
 
@@ -183,7 +184,8 @@ def test_bridge_equals_simple_evaluate_run_directly(tiny_model_dir, shared_data)
         ("mmlu_anatomy", "mmlu_local_anatomy", 2, 5),
     ]
     for name, harness_task, limit, shots in cases:
-        run = run_harness(lm, [TaskRequest(name, harness_task, shots)], data_dir=eval_dir, limit=limit, gen_kwargs=SHORT)
+        request = TaskRequest(name, harness_task, shots)
+        run = run_harness(lm, [request], data_dir=eval_dir, limit=limit, gen_kwargs=SHORT)
         ours = run.results["results"][harness_task]
         assert ours == _direct(tiny_model_dir, eval_dir, harness_task, limit, shots)[harness_task], name
         assert run.seconds[name] > 0
@@ -201,3 +203,46 @@ def test_every_local_task_file_loads(shared_data):
     assert set(loaded["tasks"]) >= {t for t in LOCAL_TASKS.values() if t != "mmlu_local"}
     category = manager.load(["mmlu_local_social_sciences"])
     assert len(category["tasks"]) == 12 and "mmlu_local_econometrics" in category["tasks"]
+
+
+ARC_ROW = {"id": "q1", "question": {"stem": "Why?", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "A"}
+WINOGRANDE_ROW = {"sentence": "a _ b", "option1": "x", "option2": "y", "answer": "1"}
+IFEVAL_ROW = {"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+
+
+@pytest.mark.parametrize(("loader", "file", "rows", "message"), [
+    (local_data.load_winogrande, "winogrande/dev.jsonl", [WINOGRANDE_ROW, {"sentence": "a _ b", "option1": "x"}],
+     ":2: missing fields option2, answer; expected sentence, option1, option2, answer"),
+    (local_data.load_gsm8k, "gsm8k_test.jsonl", [{"question": "1+1?"}],
+     ":1: missing field answer; expected question, answer"),
+    (local_data.load_ifeval, "ifeval/input_data.jsonl", [IFEVAL_ROW, {**IFEVAL_ROW, "key": 2, "kwargs": None}],
+     ":2: missing field kwargs; expected key, prompt, instruction_id_list, kwargs"),  # null: no better than absent
+    (local_data.load_arc, "arc/ARC-Challenge-Test.jsonl",
+     [ARC_ROW, {**ARC_ROW, "question": {"stem": "?", "choices": [{"text": "a"}]}}],
+     ":2: missing field question.choices[].label; expected id, question.stem, question.choices[].text, "
+     "question.choices[].label, answerKey"),
+    (local_data.load_arc, "arc/ARC-Challenge-Test.jsonl", [ARC_ROW, ["not", "an", "object"]],
+     ":2: expected a JSON object with the fields id, question.stem, question.choices[].text, "
+     "question.choices[].label, answerKey"),
+])
+def test_a_row_missing_a_field_names_file_line_and_fields(tmp_path, loader, file, rows, message):
+    """Was a bare KeyError (ARC, IFEval), or a None scored inside the harness after the model had loaded."""
+    path = tmp_path / file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ForgeError) as info:
+        loader(str(tmp_path))
+    assert str(info.value) == f"{path}{message}"
+
+
+def test_a_truthfulqa_question_missing_a_field_names_its_row(tmp_path):
+    path = tmp_path / "truthfulqa" / "mc_task.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps([{"question": "Q?", "mc1_targets": {"a": 1}, "mc2_targets": {"a": 1}},
+                                {"question": "Q2?", "mc1_targets": {"a": 1}}], indent=1))
+    with pytest.raises(ForgeError) as info:
+        local_data.load_truthfulqa(str(tmp_path))
+    assert str(info.value) == f"{path}: row 2: missing field mc2_targets; expected question, mc1_targets, mc2_targets"
+    path.write_text('{"question": "Q?"}')
+    with pytest.raises(ForgeError, match=r"mc_task.json: expected a JSON list of questions \(the release file\)$"):
+        local_data.load_truthfulqa(str(tmp_path))

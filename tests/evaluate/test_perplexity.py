@@ -34,7 +34,8 @@ def test_tokenize_text_joins_documents_with_a_blank_line(tokenizer):
     docs = ["First document.", "Second one here."]
     ids = tokenize_text(tokenizer, docs)
     assert ids.dtype == torch.long and ids.dim() == 1
-    assert ids.tolist() == tokenizer("First document." + DOCUMENT_SEPARATOR + "Second one here.", add_special_tokens=False)["input_ids"]
+    joined = "First document." + DOCUMENT_SEPARATOR + "Second one here."
+    assert ids.tolist() == tokenizer(joined, add_special_tokens=False)["input_ids"]
     assert tokenize_text(tokenizer, docs, max_tokens=3).tolist() == ids[:3].tolist()
 
 
@@ -53,7 +54,8 @@ def test_max_tokens_on_text_with_whitespace_runs_and_without_line_breaks(tokeniz
     for n in (5, 150, 1200):
         assert tokenize_text(tokenizer, text, max_tokens=n).tolist() == whole[:n]
     one_line = " ".join(["word"] * 3000)
-    assert tokenize_text(tokenizer, one_line, max_tokens=50).tolist() == tokenizer(one_line, add_special_tokens=False)["input_ids"][:50]
+    leading = tokenizer(one_line, add_special_tokens=False)["input_ids"][:50]
+    assert tokenize_text(tokenizer, one_line, max_tokens=50).tolist() == leading
 
 
 def test_stride_one_gives_every_token_exactly_its_window_of_context(model):
@@ -90,11 +92,14 @@ def test_sliding_window_matches_hand_computation_and_ignores_batch_size(model):
 
 
 def test_stride_equal_to_window_is_chunked_perplexity(model):
-    """Non-overlapping windows (laser's scoring): every window's first token goes unscored, the rest see their window."""
+    """Non-overlapping windows (laser's scoring): every window's first token goes unscored, the rest see their
+    window."""
     ids = torch.arange(3, 23)  # 20 tokens, windows [0, 8), [8, 16), [16, 20)
     result = perplexity_of_ids(model, ids, max_length=8, stride=8, batch_size=2)
     assert result.tokens == 20 - math.ceil(20 / 8)
-    expected = [_token_nll(model, ids[begin : i + 1]) for begin in (0, 8, 16) for i in range(begin + 1, min(begin + 8, 20))]
+    expected = [
+        _token_nll(model, ids[begin : i + 1]) for begin in (0, 8, 16) for i in range(begin + 1, min(begin + 8, 20))
+    ]
     assert result.nll == pytest.approx(sum(expected) / len(expected), rel=1e-6)
 
 
@@ -184,7 +189,8 @@ def test_validation_loss_on_prepared_data_is_the_same_packed_or_not(tmp_path, mo
     from dolphin_forge.data.preprocess import preprocess
 
     rows = [
-        {"conversations": [{"from": "human", "value": f"What is {i} plus {i}?"}, {"from": "gpt", "value": f"It is {2 * i}."}]}
+        {"conversations": [{"from": "human", "value": f"What is {i} plus {i}?"},
+                           {"from": "gpt", "value": f"It is {2 * i}."}]}
         for i in range(24)
     ]
     data_file = tmp_path / "chats.jsonl"

@@ -60,3 +60,19 @@ def test_missing_model_and_training_text_is_one_line_error(isolated_nltk):
     with pytest.raises(ForgeError, match="punkt_tab model is not installed") as info:
         punkt.ensure_punkt(None)
     assert "\n" not in str(info.value)
+
+
+def test_a_missing_punkt_model_is_refused_when_planning_before_any_model_is_loaded(isolated_nltk):
+    """The eval stage plans (and so checks) before loading models; IFEval looked for Punkt only after the load."""
+    from dolphin_forge.config import EvalConfig
+    from dolphin_forge.evaluate.run import plan_evaluation
+
+    data_dir = isolated_nltk / "eval"
+    (data_dir / "ifeval").mkdir(parents=True)
+    (data_dir / "ifeval" / "input_data.jsonl").write_text('{"key": 1, "prompt": "p", "kwargs": [{}]}\n')
+    settings = EvalConfig(tasks=["ifeval"], data_dir=str(data_dir))
+    message = f"^ifeval: NLTK's punkt_tab model is not installed .* put {punkt.TRAINING_TEXT}"
+    with pytest.raises(ForgeError, match=message):
+        plan_evaluation(settings)
+    (data_dir / punkt.TRAINING_TEXT).write_text(TEXT, encoding="utf-8")
+    assert [r.harness_task for r in plan_evaluation(settings).requests] == ["ifeval_local"]

@@ -76,7 +76,9 @@ def _evaluations() -> list[ModelEvaluation]:
     before = ModelEvaluation(
         name="base",
         path="/models/base",
-        perplexity={"wiki.txt": {"perplexity": 24.79071, "nll": 3.21046, "tokens": 8191, "max_length": 1024, "stride": 512}},
+        perplexity={
+            "wiki.txt": {"perplexity": 24.79071, "nll": 3.21046, "tokens": 8191, "max_length": 1024, "stride": 512}
+        },
         harness=_harness(0.3012, 0.2875),
         task_names=names,
         seconds={"arc_challenge": 12.04, "mmlu": 30.5, "gsm8k": 61.0},

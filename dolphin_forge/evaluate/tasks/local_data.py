@@ -25,15 +25,58 @@ import datasets
 from dolphin_forge.errors import ForgeError, read_text_file
 
 
+#: Where each release file lives in the data folder. The loaders open these, and `harness.check_local_data`
+#: checks them before any model is loaded, so the two cannot drift apart.
+ARC_FILE = "arc/ARC-{subset}-{split}.jsonl"
+MMLU_FILE = "mmlu/{split}/{subject}_{split}.csv"
+TRUTHFULQA_FILE = "truthfulqa/mc_task.json"
+WINOGRANDE_FILE = "winogrande/dev.jsonl"
+GSM8K_FILE = "gsm8k_test.jsonl"
+IFEVAL_FILE = "ifeval/input_data.jsonl"
+ARC_SPLITS = {"test": "Test", "validation": "Dev"}
+MMLU_SPLITS = ("test", "dev")
+
+
 def _root(data_dir: str | None) -> Path:
     if not data_dir:
         raise ValueError("local harness tasks need `data_dir` in the task metadata (eval.data_dir or --data-dir)")
     return Path(data_dir)
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every row of a release JSONL file. A damaged line stops the task, named: unlike training data, a benchmark
-    scored on the rows that happen to parse would be comparable with no one's score."""
+#: The fields each release file's rows must hold (`a.b`: b inside object a; `a[].b`: b in every item of list a).
+ARC_FIELDS = ("id", "question.stem", "question.choices[].text", "question.choices[].label", "answerKey")
+TRUTHFULQA_FIELDS = ("question", "mc1_targets", "mc2_targets")
+WINOGRANDE_FIELDS = ("sentence", "option1", "option2", "answer")
+GSM8K_FIELDS = ("question", "answer")
+IFEVAL_FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")
+
+
+def _has(value: Any, parts: list[str]) -> bool:
+    """Whether `value` holds the field path `parts` (see the `*_FIELDS` notation); null counts as missing, since
+    the harness reads a null field no better than an absent one."""
+    if not parts:
+        return True
+    head, rest = parts[0], parts[1:]
+    if head.endswith("[]"):
+        items = value.get(head[:-2]) if isinstance(value, dict) else None
+        return isinstance(items, list) and all(_has(item, rest) for item in items)
+    return isinstance(value, dict) and value.get(head) is not None and _has(value[head], rest)
+
+
+def _check_row(where: str, row: Any, fields: tuple[str, ...]) -> None:
+    """A row without a field the task reads stops the task, named, rather than as a KeyError (or a None scored)
+    somewhere inside the harness, after the model has loaded."""
+    if not isinstance(row, dict):
+        raise ForgeError(f"{where}: expected a JSON object with the fields {', '.join(fields)}")
+    missing = [name for name in fields if not _has(row, name.split("."))]
+    if missing:
+        field_word = "field" if len(missing) == 1 else "fields"
+        raise ForgeError(f"{where}: missing {field_word} {', '.join(missing)}; expected {', '.join(fields)}")
+
+
+def _jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Every row of a release JSONL file, each holding `fields`. A damaged line stops the task, named: unlike
+    training data, a benchmark scored on the rows that happen to parse would be comparable with no one's score."""
     records = []
     for number, line in enumerate(read_text_file(path, "the release's JSON Lines file").split("\n"), start=1):
         if not line.strip():
@@ -43,6 +86,7 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as exc:
             detail = f"not valid JSON ({exc.msg} at column {exc.colno}); every row of a task's file is scored"
             raise ForgeError(f"{path}:{number}: {detail}") from None
+        _check_row(f"{path}:{number}", records[-1], fields)
     return records
 
 
@@ -50,7 +94,7 @@ def load_arc(data_dir: str | None = None, subset: str = "Challenge", **_: Any) -
     """ARC from the original release JSONL, as `{id, question, choices: {text, label}, answerKey}`."""
 
     def rows(split: str) -> datasets.Dataset:
-        records = _jsonl(_root(data_dir) / "arc" / f"ARC-{subset}-{split}.jsonl")
+        records = _jsonl(_root(data_dir) / ARC_FILE.format(subset=subset, split=split), ARC_FIELDS)
         return datasets.Dataset.from_list(
             [
                 {
@@ -66,14 +110,14 @@ def load_arc(data_dir: str | None = None, subset: str = "Challenge", **_: Any) -
             ]
         )
 
-    return datasets.DatasetDict({"test": rows("Test"), "validation": rows("Dev")})
+    return datasets.DatasetDict({name: rows(split) for name, split in ARC_SPLITS.items()})
 
 
 def load_mmlu(data_dir: str | None = None, subject: str = "", **_: Any) -> datasets.DatasetDict:
     """One MMLU subject from the headerless release CSVs, as `{question, subject, choices, answer (index)}`."""
 
     def rows(split: str) -> datasets.Dataset:
-        path = _root(data_dir) / "mmlu" / split / f"{subject}_{split}.csv"
+        path = _root(data_dir) / MMLU_FILE.format(split=split, subject=subject)
         records = _mmlu_rows(path)
         return datasets.Dataset.from_list(
             [
@@ -82,7 +126,7 @@ def load_mmlu(data_dir: str | None = None, subject: str = "", **_: Any) -> datas
             ]
         )
 
-    return datasets.DatasetDict({"test": rows("test"), "dev": rows("dev")})
+    return datasets.DatasetDict({split: rows(split) for split in MMLU_SPLITS})
 
 
 def _mmlu_rows(path: Path) -> list[list[str]]:
@@ -96,11 +140,15 @@ def _mmlu_rows(path: Path) -> list[list[str]]:
 
 def load_truthfulqa(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     """TruthfulQA multiple choice from `mc_task.json` (answer -> label maps) as `{choices, labels}` lists."""
-    path = _root(data_dir) / "truthfulqa" / "mc_task.json"
+    path = _root(data_dir) / TRUTHFULQA_FILE
     try:
         records = json.loads(read_text_file(path, "TruthfulQA's mc_task.json"))
     except json.JSONDecodeError as exc:
         raise ForgeError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); expected the release file") from None
+    if not isinstance(records, list):
+        raise ForgeError(f"{path}: expected a JSON list of questions (the release file)")
+    for number, record in enumerate(records, start=1):  # rows of a JSON list: numbered, as the file has no lines
+        _check_row(f"{path}: row {number}", record, TRUTHFULQA_FIELDS)
 
     def targets(mapping: dict[str, int]) -> dict[str, list]:
         return {"choices": list(mapping), "labels": [int(v) for v in mapping.values()]}
@@ -123,18 +171,19 @@ def load_truthfulqa(data_dir: str | None = None, **_: Any) -> datasets.DatasetDi
 
 def load_winogrande(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     """WinoGrande dev (`answer` is "1" or "2"; the test labels are not public)."""
-    records = _jsonl(_root(data_dir) / "winogrande" / "dev.jsonl")
+    records = _jsonl(_root(data_dir) / WINOGRANDE_FILE, WINOGRANDE_FIELDS)
     return datasets.DatasetDict({"validation": datasets.Dataset.from_list(records)})
 
 
 def load_gsm8k(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     """GSM8K test, `{question, answer}` with the answer ending in `#### n`."""
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(_jsonl(_root(data_dir) / "gsm8k_test.jsonl"))})
+    records = _jsonl(_root(data_dir) / GSM8K_FILE, GSM8K_FIELDS)
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(records)})
 
 
 def load_ifeval(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     """IFEval prompts with their instruction ids and keyword arguments (a single split, as on the hub)."""
-    records = _jsonl(_root(data_dir) / "ifeval" / "input_data.jsonl")
+    records = _jsonl(_root(data_dir) / IFEVAL_FILE, IFEVAL_FIELDS)
     # Arrow needs one type per field: every kwargs dict gets every key, missing ones as None (as on the hub).
     keys = sorted({k for r in records for kwargs in r["kwargs"] for k in kwargs})
     for r in records:
