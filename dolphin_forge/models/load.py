@@ -135,6 +135,25 @@ def load_model(
         raise ForgeError(f"{where}: not a readable safetensors file (truncated or corrupt: {exc})") from None
 
 
+def empty_model(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **kwargs: Any
+                ) -> Any:
+    """The causal LM of `path` built from its config.json alone, its parameters on the meta device (no memory, no
+    weights read) and its buffers real: what an FSDP process other than the first holds before the first process
+    broadcasts the weights (`fsdp_cpu_ram_efficient_loading`, see `train.distributed.shard_model`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    resolved = resolve_model_path(str(path))
+    try:
+        config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ForgeError(f"cannot load a model from {resolved}: {str(exc).splitlines()[0]}") from None
+    with init_empty_weights(include_buffers=False):  # buffers such as rotary frequencies are computed, not loaded
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    model.tie_weights()  # as from_pretrained does: FSDP must see the same parameters in every process
+    return model
+
+
 def _unreadable_weights(folder: Path) -> Path:
     """The weights file safetensors cannot open (its error does not say which), else the folder itself."""
     from safetensors import SafetensorError, safe_open
@@ -160,7 +179,9 @@ def new_token_rows(model: Any, tokenizer: Any, base_vocab: int) -> range:
     rows = range(base_vocab, len(tokenizer))
     old = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > old:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        # a meta model (`empty_model`) has no values to average: its rows come from the first process
+        meta = model.get_input_embeddings().weight.is_meta
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=not meta)
     taken = slice(base_vocab, min(old, len(tokenizer)))
     if taken.start < taken.stop:
         embeddings = (model.get_input_embeddings(), model.get_output_embeddings())

@@ -133,14 +133,34 @@ def layers_to_wrap(model: torch.nn.Module, fsdp_config: dict[str, Any]) -> list[
     return layers
 
 
-def shard_model(model: torch.nn.Module, config: ForgeConfig, device: torch.device, mixed: str) -> torch.nn.Module:
+def loads_on_first_process_only(config: ForgeConfig) -> bool:
+    """`fsdp_cpu_ram_efficient_loading`: under FSDP only the first process reads the weights; the others build the
+    model on the meta device and receive their shards from it, so a node holds one full copy in CPU memory instead
+    of one per process (8 x 48 GB for a 12B model in float32 on 8 GPUs)."""
+    return bool(config.fsdp) and bool(fsdp_options(config)[1].get("cpu_ram_efficient_loading")) and world_size() > 1
+
+
+def world_size() -> int:
+    """Processes in this run, from the launcher's environment (known before any process group exists)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def process_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def shard_model(
+    model: torch.nn.Module, config: ForgeConfig, device: torch.device, mixed: str, from_first: bool = False
+) -> torch.nn.Module:
     """Shard `model` in place with FSDP2 across the launched processes; returns it (its class becomes FSDP<...>).
 
     `full_shard` frees each layer's gathered weights after its forward, `shard_grad_op` keeps them until the backward
     (`reshard_after_forward`; the root unit, embeddings and head, keeps them in both, as torch chooses by default);
     `auto_wrap` makes every decoder layer its own unit (without it the whole model is one, and its peak memory is a
     full copy); `offload_params` keeps shards in CPU memory on a GPU machine. bf16/fp16 runs gather half-precision
-    weights and reduce gradients in float32, FSDP's form of mixed precision. FSDP1's tuning keys in Axolotl
+    weights and reduce gradients in float32, FSDP's form of mixed precision. `from_first`: the other processes hold
+    a meta model (`loads_on_first_process_only`) and receive their shards of the first's weights. FSDP1's tuning
+    keys in Axolotl
     configs (`use_orig_params`, `limit_all_gathers`, `sync_module_states`, `*_prefetch`, `state_dict_type`) have no
     FSDP2 counterpart and change nothing: checkpoints always hold sharded optimizer state and gathered weights.
     """
@@ -155,12 +175,34 @@ def shard_model(model: torch.nn.Module, config: ForgeConfig, device: torch.devic
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
     if device.type != "cpu" and offloads_params(config):
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    full = model.state_dict() if from_first and process_rank() == 0 else {}
     if "auto_wrap" in options or fsdp_config.get("auto_wrap_policy"):
         for layer in layers_to_wrap(model, fsdp_config):
             fully_shard(layer, **kwargs)  # moves its shard to the device: the whole model never sits on one GPU
     root = {**kwargs, "reshard_after_forward": None if kwargs["reshard_after_forward"] else False}
     fully_shard(model, **root)
+    if from_first:
+        _receive_weights(model, full, torch.device("cpu") if "offload_policy" in kwargs else device)
     return model
+
+
+def _receive_weights(model: torch.nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Give the meta shards of the other processes memory, then every process its shard of the first's weights.
+
+    Buffers that are not saved (rotary frequencies) were computed by each process's own `empty_model`, so they are
+    kept across `to_empty`, which would leave them uninitialised.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if process_rank() != 0:
+        buffers = {name: b.clone() for name, b in model.named_buffers() if not b.is_meta}
+        model.to_empty(device=device)
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name in buffers:
+                    buffer.copy_(buffers[name])
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
 
 
 def offloads_params(config: ForgeConfig) -> bool:
@@ -203,7 +245,7 @@ def make_accelerator(config: ForgeConfig, config_path: Path | None, mixed: str, 
 
     # cpu=True is what makes accelerate join a torchrun world over gloo when there is no GPU
     kwargs: dict[str, Any] = {"mixed_precision": mixed, "cpu": not torch.cuda.is_available()}
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if config.fsdp and offloads_params(config) and torch.cuda.is_available() and world > 1:
         # offloaded shards and their gradients live in CPU memory: their collectives (the gradient norm) need gloo
         # beside NCCL; accelerate then joins this process group instead of creating an NCCL-only one

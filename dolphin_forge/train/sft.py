@@ -38,10 +38,24 @@ from dolphin_forge.errors import ForgeError
 from dolphin_forge.models.default import resolve_model_path
 from dolphin_forge.models.freeze import FreezeSummary, apply_unfrozen_parameters, summarize, unfreeze_rows
 from dolphin_forge.models.packed import restore_standard_attention
-from dolphin_forge.models.load import IM_END, add_config_tokens, base_tokenizer, load_model, new_token_rows
+from dolphin_forge.models.load import (
+    IM_END,
+    add_config_tokens,
+    base_tokenizer,
+    empty_model,
+    load_model,
+    new_token_rows,
+)
 from dolphin_forge.train import checkpoint as ckpt
 from dolphin_forge.train.batches import IGNORE_INDEX, BatchPlan, MicroBatch, collate
-from dolphin_forge.train.distributed import gradient_sync, make_accelerator, reshard, shard_model
+from dolphin_forge.train.distributed import (
+    gradient_sync,
+    loads_on_first_process_only,
+    make_accelerator,
+    process_rank,
+    reshard,
+    shard_model,
+)
 from dolphin_forge.models.hardware import matmul_peak_flops
 from dolphin_forge.train.hardware import (
     attention_implementation,
@@ -136,9 +150,9 @@ class SFTRecipe:
         quant = quantization_config(config)
         if quant is not None:
             load_kwargs["quantization_config"] = quant
-        model = load_model(
-            model_path, dtype=weights_dtype(config), trust_remote_code=config.trust_remote_code, **load_kwargs
-        )
+        self.loads_once = loads_on_first_process_only(config)
+        load = empty_model if self.loads_once and process_rank() != 0 else load_model
+        model = load(model_path, dtype=weights_dtype(config), trust_remote_code=config.trust_remote_code, **load_kwargs)
         model.config.use_cache = False
         hidden_size = getattr(model.config, "hidden_size", None)
         self.accelerator = make_accelerator(config, self.config_path, self.mixed, hidden_size)
@@ -193,7 +207,7 @@ class SFTRecipe:
             )
         self.fsdp = bool(config.fsdp) and acc.num_processes > 1
         if self.fsdp:
-            model = shard_model(model, config, acc.device, self.mixed)
+            model = shard_model(model, config, acc.device, self.mixed, from_first=self.loads_once)
         optimizer = build_optimizer(model.named_parameters(), config, self.freeze.partial)
         if self.fsdp:  # already sharded: accelerate must not wrap it in DDP
             self.model, self.optimizer = model, acc.prepare(optimizer)

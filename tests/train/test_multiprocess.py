@@ -186,3 +186,41 @@ def test_lora_and_selective_runs_under_fsdp_match_one_process(one_process, mode)
     else:  # exactly the listed matrices trained, the rest kept their base values
         listed = {f"model.layers.1.mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")}
         assert changed == listed | {"model.norm.weight"}
+
+
+# `dolphin-forge train CONFIG` in which every process but the first fails if it reads the weights
+FIRST_PROCESS_LOADS = """
+import os
+import sys
+import dolphin_forge.train.sft as sft
+from dolphin_forge.cli import main
+if os.environ["RANK"] != "0":
+    def refuse(*args, **kwargs):
+        raise AssertionError("a process other than the first read the weights")
+    sft.load_model = refuse
+sys.argv = ["dolphin-forge", "train", sys.argv[1]]
+main()
+"""
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fsdp_cpu_ram_efficient_loading_reads_the_weights_once_and_matches_one_process(one_process, mode):
+    """Only the first process loads; the others build the model on the meta device (the full run adds a token,
+    whose row the first process initialises; the LoRA run's adapters are made on the meta device) and receive
+    their shards from it."""
+    one, base = one_process
+    values = {**base, **(LORA if mode == "lora" else {"tokens": ["<|tool|>"]})}
+    weights = "adapter_model.safetensors" if mode == "lora" else "model.safetensors"
+    reference = one.with_name(f"efficient-{mode}-one")
+    config = write_config(reference, {**values, "gradient_accumulation_steps": 4})
+    train(load_config(config).config, config)
+    fsdp_config = {**FSDP["fsdp_config"], "fsdp_cpu_ram_efficient_loading": True}
+    two = one.with_name(f"efficient-{mode}-fsdp")
+    script = two.with_name("first_process_loads.py")
+    script.write_text(FIRST_PROCESS_LOADS)
+    torchrun_train(write_config(two, {**values, **FSDP, "fsdp_config": fsdp_config, "gradient_accumulation_steps": 2}),
+                   script=script)
+    got, want = load_file(str(two / weights)), load_file(str(reference / weights))
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=2e-5, rtol=1e-4, msg=name)
