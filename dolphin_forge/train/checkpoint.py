@@ -422,4 +422,16 @@ def load_checkpoint(
     _copy_weights(params, weights)
     _load_optimizer(optimizer, opt_tensors, opt_meta)
     _set_rng_state(rng, rng_meta)
+    state.setdefault("optimizer_settings", _group_settings(opt_meta["param_groups"][0]))
     return state
+
+
+def _group_settings(group: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint written before state.json recorded `optimizer_settings` holds of them: its decay group's."""
+    return {
+        "learning_rate": group.get("initial_lr", group["lr"]),
+        "weight_decay": group["weight_decay"],
+        "adam_beta1": group["betas"][0],
+        "adam_beta2": group["betas"][1],
+        "adam_epsilon": group["eps"],
+    }

@@ -285,6 +285,11 @@ class SFTRecipe:
             saved.pop("data", None)
             saved.pop("scheduler", None)  # written before the optimizer settings were: the step fixes the schedule
             step = saved.pop("step")
+            if step >= self.total_steps:
+                raise ForgeError(
+                    f"resume_from_checkpoint: {resume} is at step {step} and this config's run has {self.total_steps} "
+                    "steps; raise max_steps or num_epochs to train on, or use the checkpoint's weights as they are"
+                )
             changed = changed_settings(saved.pop("optimizer_settings", None), self._optimizer_settings())
             self.scheduler = build_scheduler(self.optimizer, config, self.total_steps, start_step=step)
             state.update(saved)

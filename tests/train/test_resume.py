@@ -320,3 +320,30 @@ def test_an_unchanged_resume_warns_about_nothing(tiny_model_dir, tmp_path):
     train(small_run(tiny_model_dir, tmp_path / "again", max_steps=3, resume_from_checkpoint=str(out / "checkpoint-2")),
           train_rows=rows, console=console)
     assert "resumed from" in console.export_text() and "warning" not in console.export_text()
+
+
+def test_a_checkpoint_without_recorded_settings_still_names_a_changed_learning_rate(tiny_model_dir, tmp_path):
+    """Checkpoints written before state.json recorded `optimizer_settings`: the optimizer groups tell."""
+    from rich.console import Console
+
+    rows = random_rows(4, 49152, seed=1)
+    out = tmp_path / "out"
+    train(small_run(tiny_model_dir, out, learning_rate=2e-5), train_rows=rows)
+    state_file = out / "checkpoint-1" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["optimizer_settings"]
+    state_file.write_text(json.dumps(state))
+    console = Console(record=True, width=400)
+    again = small_run(tiny_model_dir, tmp_path / "again", learning_rate=1e-5,
+                      resume_from_checkpoint=str(out / "checkpoint-1"))
+    train(again, train_rows=rows, console=console)
+    assert "this config changes learning_rate 2e-05 -> 1e-05 against checkpoint-1" in console.export_text()
+
+
+def test_resuming_a_checkpoint_at_or_past_the_end_of_the_run_is_refused(tiny_model_dir, tmp_path):
+    rows = random_rows(4, 49152, seed=1)
+    out = tmp_path / "out"
+    train(small_run(tiny_model_dir, out), train_rows=rows)
+    shorter = small_run(tiny_model_dir, tmp_path / "again", max_steps=1, resume_from_checkpoint=str(out / "checkpoint-1"))
+    with pytest.raises(ForgeError, match=r"checkpoint-1 is at step 1 and this config's run has 1 steps; raise max_steps"):
+        train(shorter, train_rows=rows)
