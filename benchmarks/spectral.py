@@ -29,7 +29,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TYPES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+TYPES = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 WIKITEXT = ROOT.parent / "shared" / "data" / "eval" / "wikitext2_test.raw"
 
 
@@ -218,7 +226,8 @@ def main() -> None:
             f"(torch-imported baseline {ours['base_mb']:.0f} MB)\n"
             f"  reference {ref['seconds']:7.2f} s  peak RSS {ref['peak_mb']:7.0f} MB "
             f"(torch-imported baseline {ref['base_mb']:.0f} MB)\n"
-            f"  speed-up {ref['seconds'] / ours['seconds']:.2f}x; peak RSS ratio {ours['peak_mb'] / ref['peak_mb']:.2f}; "
+            f"  speed-up {ref['seconds'] / ours['seconds']:.2f}x; "
+            f"peak RSS ratio {ours['peak_mb'] / ref['peak_mb']:.2f}; "
             f"above-baseline RSS ratio {(ours['peak_mb'] - ours['base_mb']) / (ref['peak_mb'] - ref['base_mb']):.2f}\n"
             f"  max relative SNR difference {diff:.2e}; identical top-50% selection: {same}"
         )
@@ -227,9 +236,11 @@ def main() -> None:
         ours, ref = laser["ours"], laser["reference"]
         print(
             f"laser: {args.candidates} candidates ({args.order}), {args.tokens} tokens, windows of {args.max_length}\n"
-            f"  ours      {ours['seconds']:7.2f} s (batch {args.batch_size}, layer-input cache {ours['prefix_cache']})\n"
+            f"  ours      {ours['seconds']:7.2f} s "
+            f"(batch {args.batch_size}, layer-input cache {ours['prefix_cache']})\n"
             f"  reference {ref['seconds']:7.2f} s (full SVD, re-tokenised, batch 1, full forwards)\n"
-            f"  speed-up {ref['seconds'] / ours['seconds']:.2f}x; same decisions: {ours['decisions'] == ref['decisions']} "
+            f"  speed-up {ref['seconds'] / ours['seconds']:.2f}x; "
+            f"same decisions: {ours['decisions'] == ref['decisions']} "
             f"(kept {sum(ours['decisions'])}); final nll ours {ours['nll']:.6f} reference {ref['nll']:.6f}\n"
             f"  matmul peak {laser['matmul_peak_gflops']:.1f} GFLOP/s; full forward MFU {laser['forward_mfu']:.1%}"
         )

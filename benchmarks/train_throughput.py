@@ -127,7 +127,13 @@ def run_ours(work: Path, model_dir: Path, steps: int, seq_len: int, checkpointin
 
 
 def run_axolotl(
-    work: Path, model_dir: Path, steps: int, seq_len: int, peer_python: str, real_per_trained: float, checkpointing: bool
+    work: Path,
+    model_dir: Path,
+    steps: int,
+    seq_len: int,
+    peer_python: str,
+    real_per_trained: float,
+    checkpointing: bool,
 ) -> dict:
     config = {
         "base_model": str(model_dir),
@@ -199,7 +205,9 @@ def real_per_trained(work: Path) -> float:
     """Real tokens per trained token of the benchmark data as `dolphin-forge preprocess` masks it."""
     reports = list((work / "ours-prepared").glob("*/report.json"))
     if not reports:
-        raise SystemExit("run the `ours` tool first: Axolotl's real tokens/s is derived from our prepared data's counts")
+        raise SystemExit(
+            "run the `ours` tool first: Axolotl's real tokens/s is derived from our prepared data's counts"
+        )
     report = json.loads(reports[0].read_text())
     return report["total_tokens"] / report["trainable_tokens"]
 
@@ -212,7 +220,9 @@ def main() -> None:
     parser.add_argument("--peer-python", default="/work/peers/axo/bin/python")
     parser.add_argument("--work", default="/tmp/dolphin-forge-bench-train")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--reuse", action="store_true", help="Report tools not in --tools from an earlier run in --work")
+    parser.add_argument(
+        "--reuse", action="store_true", help="Report tools not in --tools from an earlier run in --work"
+    )
     args = parser.parse_args()
 
     from dolphin_forge.models.default import fetch_default_model
@@ -229,10 +239,15 @@ def main() -> None:
     peak32 = matmul_peak_flops("cpu", torch.float32, seconds=3.0)
     peak16 = matmul_peak_flops("cpu", torch.bfloat16, seconds=3.0)
     console = Console()
-    console.print(f"matmul peak: float32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s; {linear:,} linear weights")
+    console.print(
+        f"matmul peak: float32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s; {linear:,} linear weights"
+    )
 
     runners = {
-        "ours": ("dolphin-forge", lambda: run_ours(work, model_dir, args.steps, args.seq_len, args.gradient_checkpointing)),
+        "ours": (
+            "dolphin-forge",
+            lambda: run_ours(work, model_dir, args.steps, args.seq_len, args.gradient_checkpointing),
+        ),
         "axolotl": ("axolotl", lambda: run_axolotl(work, model_dir, args.steps, args.seq_len, args.peer_python,
                                                    real_per_trained(work), args.gradient_checkpointing)),
         "trl": ("trl", lambda: run_trl(work, model_dir, args.steps, args.seq_len, args.peer_python,
@@ -269,7 +284,9 @@ def main() -> None:
                     f"dolphin-forge / {peer}: real tokens/s x{ours['real'] / p['real']:.2f}, "
                     f"trained tokens/s x{ours['trained'] / p['trained']:.2f}, peak RSS x{ours['rss'] / p['rss']:.2f}"
                 )
-    (work / "results.json").write_text(json.dumps({"peak_fp32": peak32, "peak_bf16": peak16, "results": results}, indent=2))
+    (work / "results.json").write_text(
+        json.dumps({"peak_fp32": peak32, "peak_bf16": peak16, "results": results}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ def check_quantization_supported(config: ForgeConfig) -> None:
     wants = config.adapter == "qlora" or config.load_in_4bit or config.load_in_8bit
     if not wants:
         return
-    what = "adapter: qlora" if config.adapter == "qlora" else ("load_in_4bit" if config.load_in_4bit else "load_in_8bit")
+    what = (
+        "adapter: qlora" if config.adapter == "qlora" else ("load_in_4bit" if config.load_in_4bit else "load_in_8bit")
+    )
     if not torch.cuda.is_available():
         raise ForgeError(
             f"{what} needs bitsandbytes on a CUDA GPU and this machine has none; "

@@ -68,9 +68,13 @@ def packed_sdpa_attention(
             n = q.shape[2]
             if sliding_window is not None and n > sliding_window:
                 mask = _band(n, sliding_window, query.device)
-                parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, **gqa))
+                parts.append(
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, **gqa)
+                )
             else:
-                parts.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, **gqa))
+                parts.append(
+                    F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, **gqa)
+                )
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     output = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return output.transpose(1, 2).contiguous(), None

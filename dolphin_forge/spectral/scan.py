@@ -131,7 +131,12 @@ def scan_matrices(
     workers = 1 if device.type == "cuda" else workers
     results: list[MatrixSpectrum] = []
     bar = Progress(
-        TextColumn("spectrum"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not progress, transient=True
+        TextColumn("spectrum"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not progress,
+        transient=True,
     )
     with bar, _threads_per_worker(workers), ThreadPoolExecutor(max_workers=workers) as pool:
         task = bar.add_task("scan", total=len(matrices))

@@ -123,7 +123,9 @@ class LaserOutputs:
     plot: Path
 
 
-def _eval_ids(config: ForgeConfig, config_path: Path | None, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _eval_ids(
+    config: ForgeConfig, config_path: Path | None, tokenizer: Any
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The search tokens and the held-out tokens that follow them, from one tokenisation of `laser.eval_file`."""
     settings = config.laser
     if settings.eval_file is None:
@@ -205,7 +207,11 @@ def run_laser(config: ForgeConfig, config_path: Path | None = None, progress: bo
         if heldout_ids is None:
             return None
         return perplexity_of_ids(
-            model, heldout_ids, max_length=settings.max_length, stride=settings.max_length, batch_size=settings.batch_size
+            model,
+            heldout_ids,
+            max_length=settings.max_length,
+            stride=settings.max_length,
+            batch_size=settings.batch_size,
         )
 
     bar = Progress(

@@ -136,7 +136,8 @@ def test_function_calling_data_trains_calls_but_not_tool_results(tmp_path, token
     config = make_config(tmp_path, [{"path": str(shared_data / "function_calling" / "glaive_toolcall_en_demo.json")}],
                          sequence_len=4096)
     prepared = preprocess(config, tokenizer=tokenizer)
-    assert prepared.report["rows_kept"] == 299 and prepared.report["rows_dropped"] == {"too_long": 1}  # one 11.7k-token row
+    # one row has 11.7k tokens
+    assert prepared.report["rows_kept"] == 299 and prepared.report["rows_dropped"] == {"too_long": 1}
     text_trained = []
     for row in prepared.train.select(range(20)):
         labels = np.array(row["labels"])

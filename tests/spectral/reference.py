@@ -18,7 +18,9 @@ def spectrum_reference(weight: np.ndarray) -> tuple[float, float, np.ndarray]:
     return float(signal / noise / s.max()), float(threshold), s
 
 
-def planted(n: int, m: int, rank: int, seed: int, noise: float = 1.0, low: float = 4.0, high: float = 8.0) -> np.ndarray:
+def planted(
+    n: int, m: int, rank: int, seed: int, noise: float = 1.0, low: float = 4.0, high: float = 8.0
+) -> np.ndarray:
     """A rank-`rank` signal (singular values low..high times the noise bulk edge) plus i.i.d. Gaussian noise."""
     rng = np.random.default_rng(seed)
     u, _ = np.linalg.qr(rng.standard_normal((n, rank)))

@@ -27,7 +27,15 @@ from dolphin_forge.spectral.thresholds import gavish_donoho_threshold
 from tests.spectral.reference import planted
 from tests.tiny import build_tiny_model
 
-TYPES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+TYPES = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 
 
 def own_text(n_sentences: int = 120) -> str:
@@ -105,7 +113,9 @@ def test_prefix_cache_scores_exactly_like_a_full_forward(tiny, ids):
     with torch.no_grad():
         tiny.model.layers[1].self_attn.q_proj.weight.mul_(0.0)
     again = scorer.score(1)
-    assert again.nll == pytest.approx(perplexity_of_ids(tiny, ids, max_length=64, stride=64, batch_size=2).nll, rel=1e-12)
+    assert again.nll == pytest.approx(
+        perplexity_of_ids(tiny, ids, max_length=64, stride=64, batch_size=2).nll, rel=1e-12
+    )
 
 
 def test_search_keeps_only_non_worsening_changes_and_restores_rejected_ones_bit_for_bit(tiny, ids, tmp_path, tokenizer):
@@ -130,7 +140,9 @@ def test_search_keeps_only_non_worsening_changes_and_restores_rejected_ones_bit_
             assert torch.equal(weight, original[attempt.module + ".weight"])  # bit-identical restore
     assert result.final.perplexity == pytest.approx(current)
     # the final model really has the reported perplexity (so the cached scoring was exact)
-    assert result.final.nll == pytest.approx(perplexity_of_ids(tiny, ids, max_length=64, stride=64, batch_size=2).nll, rel=1e-12)
+    assert result.final.nll == pytest.approx(
+        perplexity_of_ids(tiny, ids, max_length=64, stride=64, batch_size=2).nll, rel=1e-12
+    )
     # the same search without the layer-input cache makes the same decisions
     fresh = build_tiny_model(tokenizer, num_hidden_layers=3, seed=2).eval()
     plain = laser_search(fresh, ids, order_candidates(scan.matrices, "lowest_snr", TYPES), settings, prefix_cache=False)
@@ -152,7 +164,10 @@ def test_a_forced_rejection_restores_the_weight_bit_for_bit(tiny, ids, monkeypat
 
     monkeypatch.setattr(laser_module.Scorer, "score", worse)
     result = laser_search(tiny, ids, scan.matrices, LaserConfig(max_length=64, batch_size=2))
-    assert [a.kept for a in result.attempts] == [False] and result.attempts[0].rank_after < result.attempts[0].rank_before
+    assert (
+        [a.kept for a in result.attempts] == [False]
+        and result.attempts[0].rank_after < result.attempts[0].rank_before
+    )
     assert torch.equal(dict(tiny.named_parameters())[name], before)
 
 

@@ -22,7 +22,15 @@ from dolphin_forge.spectral.unfrozen import merge_into_config, unfrozen_paramete
 from tests.spectral.reference import spectrum_reference
 from tests.tiny import build_tiny_model
 
-TYPES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+TYPES = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 
 
 def save(model, folder: Path) -> Path:
@@ -118,7 +126,9 @@ def test_an_all_zero_matrix_scans_as_snr_zero(tmp_path, tokenizer):
 
 
 def test_unknown_module_type_and_pickle_only_folder_are_clear_errors(four_layer_dir, tmp_path):
-    with pytest.raises(ForgeError, match=r"spectrum\.module_types: mlp\.gate_prj match no 2-D layer weight.*has: mlp\.down_proj"):
+    with pytest.raises(
+        ForgeError, match=r"spectrum\.module_types: mlp\.gate_prj match no 2-D layer weight.*has: mlp\.down_proj"
+    ):
         scan_model(four_layer_dir, ["mlp.gate_prj"])
     with pytest.raises(ForgeError, match=r"laser\.layers: \[\] selects no layer .*layers 0\.\.3"):
         scan_model(four_layer_dir, TYPES, layers=[], section="laser")

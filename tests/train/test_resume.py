@@ -344,6 +344,8 @@ def test_resuming_a_checkpoint_at_or_past_the_end_of_the_run_is_refused(tiny_mod
     rows = random_rows(4, 49152, seed=1)
     out = tmp_path / "out"
     train(small_run(tiny_model_dir, out), train_rows=rows)
-    shorter = small_run(tiny_model_dir, tmp_path / "again", max_steps=1, resume_from_checkpoint=str(out / "checkpoint-1"))
-    with pytest.raises(ForgeError, match=r"checkpoint-1 is at step 1 and this config's run has 1 steps; raise max_steps"):
+    shorter = small_run(tiny_model_dir, tmp_path / "again", max_steps=1,
+                        resume_from_checkpoint=str(out / "checkpoint-1"))
+    refused = r"checkpoint-1 is at step 1 and this config's run has 1 steps; raise max_steps"
+    with pytest.raises(ForgeError, match=refused):
         train(shorter, train_rows=rows)
