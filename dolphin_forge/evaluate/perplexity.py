@@ -37,6 +37,7 @@ import torch
 
 from dolphin_forge.errors import ForgeError
 from dolphin_forge.models.hardware import bf16_native
+from dolphin_forge.models.packed import varlen_kwargs
 
 #: Documents are joined with a blank line, the convention of the wikitext perplexity literature (and of the
 #: Hugging Face perplexity guide), so that results are comparable with published numbers.
@@ -279,8 +280,10 @@ def validation_loss(model: Any, rows: Iterable[Mapping[str, Any]], *, batch_size
                 labels[row, :n] = torch.tensor(labs)
                 position_ids[row, :n] = torch.tensor(positions)
                 position_ids[row, n:] = torch.arange(width - n)
+            position_ids = position_ids.to(device)
             logits = model(
-                input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False
+                input_ids=input_ids.to(device), position_ids=position_ids, use_cache=False,
+                **varlen_kwargs(model, position_ids),
             ).logits
             for row in range(len(batch)):
                 nll, count = _summed_nll(logits[row], labels[row].to(device))

@@ -9,6 +9,7 @@ QLoRA and 8-bit loading need bitsandbytes on a CUDA GPU; elsewhere they stop wit
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,9 @@ def check_quantization_supported(config: ForgeConfig) -> None:
         raise ForgeError(f"{what} needs bitsandbytes: `pip install 'dolphin-forge[gpu]'`") from None
 
 
-def quantization_config(config: ForgeConfig) -> Any:
-    """The `BitsAndBytesConfig` for QLoRA-style loading, or None."""
+def quantization_config(config: ForgeConfig, mixed: str = "bf16") -> Any:
+    """The `BitsAndBytesConfig` for QLoRA-style loading, or None; 4-bit layers compute in the run's precision
+    (`mixed`: 'bf16', 'fp16' or 'no'), so an fp16-only GPU is not handed bf16 matmuls."""
     if not (config.adapter == "qlora" or config.load_in_4bit or config.load_in_8bit):
         return None
     from transformers import BitsAndBytesConfig
@@ -53,8 +55,14 @@ def quantization_config(config: ForgeConfig) -> Any:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed, torch.float32),
     )
+
+
+def quantized_device_map() -> dict[str, int]:
+    """Each process's quantized weights on its own GPU: without a device map transformers puts them on the current
+    device, GPU 0 in every process at load time (the launcher's LOCAL_RANK is set, the device not yet)."""
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:

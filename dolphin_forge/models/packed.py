@@ -30,6 +30,31 @@ def sample_bounds(position_ids: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
+#: Attention implementations that take a flattened batch's sample boundaries (`varlen_kwargs`) on a GPU.
+VARLEN_IMPLEMENTATIONS = {"flash_attention_2", "flash_attention_3"}
+
+
+def varlen_kwargs(model: Any, position_ids: torch.Tensor) -> dict[str, Any]:
+    """Forward kwargs that confine flash-attention to each sample of a batch of packed rows (none for other kernels).
+
+    transformers' flash-attention path finds packed samples from `position_ids` only when the batch holds a single
+    row (`_is_packed_sequence`); with `micro_batch_size` > 1 (the Dolphin cards use 3) it silently runs causal
+    attention across the whole row. The cumulative sample lengths of the flattened batch select its varlen kernel
+    for any batch size, and are computed here once per forward instead of once per layer. SDPA finds the samples
+    row by row, and `packed_sdpa` uses `sample_bounds`, so they need nothing.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) not in VARLEN_IMPLEMENTATIONS:
+        return {}
+    flat = position_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1] + 1  # the same boundaries as `sample_bounds`, across rows
+    starts[:: position_ids.shape[-1]] = True  # every row starts a sample
+    edges = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])]).to(torch.int32)
+    longest = int(edges.diff().max())
+    return {"cu_seq_lens_q": edges, "cu_seq_lens_k": edges, "max_length_q": longest, "max_length_k": longest}
+
+
 def _band(length: int, window: int, device: torch.device) -> torch.Tensor:
     idx = torch.arange(length, device=device)
     diff = idx[:, None] - idx[None, :]

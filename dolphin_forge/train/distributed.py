@@ -46,8 +46,15 @@ def fill_deepspeed_auto(
         if filled.get(key) == "auto":
             filled[key] = value
     for section, on in (("bf16", mixed == "bf16"), ("fp16", mixed == "fp16")):
-        if isinstance(filled.get(section), dict) and filled[section].get("enabled") == "auto":
+        enabled = filled.get(section, {}).get("enabled") if isinstance(filled.get(section), dict) else None
+        if enabled == "auto":
             filled[section]["enabled"] = on
+        elif isinstance(enabled, bool) and enabled != on:  # DeepSpeed would train in another precision than ours
+            precision = {"no": "float32 (bf16: false, or `bf16: auto` on a GPU without bf16)"}.get(mixed, mixed)
+            raise ForgeError(
+                f"deepspeed: {section}.enabled is {str(enabled).lower()} but this run trains in {precision}; "
+                f'set it to "auto" to follow the bf16/fp16 keys'
+            )
     zero = filled.get("zero_optimization", {})
     if hidden_size:
         sizes = {
@@ -58,12 +65,12 @@ def fill_deepspeed_auto(
         for key, value in sizes.items():
             if zero.get(key) == "auto":
                 zero[key] = value
-    for section in ("optimizer", "scheduler"):
-        params = filled.get(section, {}).get("params", {})
-        for key in [k for k, v in params.items() if v == "auto"]:
+    for section, keys in (("optimizer", "optimizer, learning_rate, weight_decay, adam_*"),
+                          ("scheduler", "lr_scheduler, warmup_steps")):
+        if section in filled:  # accelerate refuses a second optimizer; a second scheduler would run beside ours
             raise ForgeError(
-                f"deepspeed: {section}.params.{key} = 'auto' is not supported; "
-                f"set a value or drop the {section} section"
+                f"deepspeed: its {section} section is not supported: the run's {section} comes from the training "
+                f"config ({keys}); drop the section"
             )
     leftover = [k for k, v in zero.items() if v == "auto"]
     if leftover:
@@ -182,25 +189,27 @@ def shard_model(
     root = {**kwargs, "reshard_after_forward": None if kwargs["reshard_after_forward"] else False}
     fully_shard(model, **root)
     if from_first:
-        _receive_weights(model, full, torch.device("cpu") if "offload_policy" in kwargs else device)
+        _receive_weights(model, full, torch.device("cpu") if "offload_policy" in kwargs else device, device)
     return model
 
 
-def _receive_weights(model: torch.nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Give the meta shards of the other processes memory, then every process its shard of the first's weights.
+def _receive_weights(
+    model: torch.nn.Module, full: dict[str, torch.Tensor], storage: torch.device, device: torch.device
+) -> None:
+    """Give the meta shards of the other processes memory on `storage` (the CPU when shards are offloaded), then
+    every process its shard of the first's weights.
 
-    Buffers that are not saved (rotary frequencies) were computed by each process's own `empty_model`, so they are
-    kept across `to_empty`, which would leave them uninitialised.
+    Buffers that are not saved (rotary frequencies) were computed by each process's own `empty_model`; `to_empty`
+    would leave them uninitialised, so they are put back, on the compute `device` where the first process's are.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if process_rank() != 0:
         buffers = {name: b.clone() for name, b in model.named_buffers() if not b.is_meta}
-        model.to_empty(device=device)
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                if name in buffers:
-                    buffer.copy_(buffers[name])
+        model.to_empty(device=storage)
+        for name, value in buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = value.to(device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full, options=options)
 

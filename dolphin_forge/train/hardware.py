@@ -36,18 +36,32 @@ def weights_dtype(config: ForgeConfig) -> torch.dtype:
     return torch.bfloat16 if config.bf16 == "full" else torch.float32
 
 
-def attention_implementation(config: ForgeConfig, device: torch.device) -> str:
-    """flash_attention_2 (variable-length kernels for packed rows) on a GPU that has it, else per-sample SDPA.
+def attention_implementation(config: ForgeConfig, device: torch.device, mixed: str = "no") -> str:
+    """flash_attention_2 (variable-length kernels for packed rows) on a GPU that can run it, else per-sample SDPA.
 
-    `models.packed` runs SDPA sample by sample within packed rows; on a GPU without flash-attn transformers' own
-    SDPA (a block-diagonal mask derived from the restarting position ids) is used. Either way a packed row's
-    samples never attend to each other (tests/train/test_packing.py proves it).
+    flash-attn computes in bf16/fp16 only and needs an Ampere or newer GPU: a float32 run (`bf16: false`, or
+    `bf16: auto` on a V100/T4) or an older GPU uses transformers' SDPA, or is refused if `flash_attention: true`
+    asks for it explicitly. `models.packed` runs SDPA sample by sample within packed rows on CPU; on a GPU without
+    flash-attn transformers' own SDPA (a block-diagonal mask derived from the restarting position ids) is used.
+    Either way a packed row's samples never attend to each other (tests/train/test_packing.py proves it).
     """
-    if device.type == "cuda" and config.flash_attention is not False and importlib.util.find_spec("flash_attn"):
+    if device.type != "cuda":
+        return register_packed_attention()
+    installed = importlib.util.find_spec("flash_attn") is not None
+    half = mixed in ("bf16", "fp16") or weights_dtype(config) == torch.bfloat16
+    ampere = torch.cuda.get_device_capability(device) >= (8, 0)
+    if config.flash_attention is not False and installed and half and ampere:
         return "flash_attention_2"
-    if config.flash_attention and device.type == "cuda":
-        raise ForgeError("flash_attention: true needs the flash-attn package: `pip install 'dolphin-forge[gpu]'`")
-    return "sdpa" if device.type == "cuda" else register_packed_attention()
+    if config.flash_attention:
+        if not installed:
+            raise ForgeError("flash_attention: true needs the flash-attn package: `pip install 'dolphin-forge[gpu]'`")
+        capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise ForgeError(
+            "flash_attention: true needs bf16 or fp16 (`bf16: auto` or `bf16: true`) on a GPU of compute capability "
+            f"8.0 or newer (Ampere); this run is {'half precision' if half else 'float32'} on compute capability "
+            f"{capability}; drop flash_attention to use SDPA"
+        )
+    return "sdpa"
 
 
 @functools.cache

@@ -22,8 +22,15 @@ from dolphin_forge.config import ForgeConfig
 
 
 def matmul_parameters(model: torch.nn.Module) -> int:
-    """Weights that take part in a matmul per token: every `nn.Linear` (the LM head included, embeddings not)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    """Weights that take part in a matmul per token: every `nn.Linear` (the LM head included, embeddings not).
+
+    Counted from the layer's shape, not its weight tensor: a ZeRO-3 partitioned weight holds no elements outside its
+    forward, and a 4-bit one packs two values per byte."""
+    return sum(linear_size(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def linear_size(module: torch.nn.Linear) -> int:
+    return module.in_features * module.out_features
 
 
 def training_flops(model_config: Any, linear_params: int, seq_lens: list[list[int]]) -> float:

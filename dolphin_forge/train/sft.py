@@ -37,7 +37,7 @@ from dolphin_forge.config import ForgeConfig
 from dolphin_forge.errors import ForgeError
 from dolphin_forge.models.default import resolve_model_path
 from dolphin_forge.models.freeze import FreezeSummary, apply_unfrozen_parameters, summarize, unfreeze_rows
-from dolphin_forge.models.packed import restore_standard_attention
+from dolphin_forge.models.packed import restore_standard_attention, varlen_kwargs
 from dolphin_forge.models.load import (
     IM_END,
     add_config_tokens,
@@ -66,6 +66,7 @@ from dolphin_forge.train.hardware import (
 from dolphin_forge.train.metrics import (
     MetricsSink,
     describe_step,
+    linear_size,
     matmul_parameters,
     progress_bar,
     training_flops,
@@ -80,6 +81,8 @@ from dolphin_forge.train.optim import (
 )
 
 SUMMARY_FILE = "training_summary.json"
+#: fp16 steps in a row whose gradients overflow before the run stops: the scaler halves its scale at each.
+MAX_OVERFLOWS = 20
 
 
 @dataclass
@@ -94,17 +97,19 @@ class TrainResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def summed_token_loss(model: Any, batch: MicroBatch) -> tuple[torch.Tensor, int]:
+def summed_token_loss(model: Any, batch: MicroBatch, unwrapped: Any = None) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over trained positions of a micro-batch, and the head positions computed.
 
-    Only sequence positions where some row's next token is trained go through the LM head.
+    Only sequence positions where some row's next token is trained go through the LM head. `unwrapped`: the model
+    inside a DDP/DeepSpeed wrapper, whose config names the attention kernel.
     """
     targets = batch.labels[:, 1:]
     wanted = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
     if wanted.numel() == 0:
         wanted = torch.zeros(1, dtype=torch.long, device=batch.input_ids.device)
     logits = model(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, logits_to_keep=wanted
+        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, logits_to_keep=wanted,
+        **varlen_kwargs(unwrapped or model, batch.position_ids),
     ).logits
     loss = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
@@ -129,7 +134,12 @@ class SFTRecipe:
     def setup(self, train_rows: Any = None, val_rows: Any = None) -> None:
         from accelerate.utils import set_seed
 
-        from dolphin_forge.models.lora import apply_lora, check_quantization_supported, quantization_config
+        from dolphin_forge.models.lora import (
+            apply_lora,
+            check_quantization_supported,
+            quantization_config,
+            quantized_device_map,
+        )
 
         config = self.config
         check_quantization_supported(config)
@@ -139,6 +149,7 @@ class SFTRecipe:
         set_seed(config.seed)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.mixed = mixed_precision(config, device)
+        self._overflows = 0  # fp16 steps in a row whose scaled gradients overflowed (see _loss_scaler_overflow)
         if config.tf32 and device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
         tokenizer = base_tokenizer(config, self.config_path)
@@ -146,11 +157,16 @@ class SFTRecipe:
         self.tokenizer = add_config_tokens(tokenizer, config)
 
         model_path = resolve_model_path(config.base_model, self.config_path)
-        load_kwargs: dict[str, Any] = {"attn_implementation": attention_implementation(config, device)}
-        quant = quantization_config(config)
+        load_kwargs: dict[str, Any] = {"attn_implementation": attention_implementation(config, device, self.mixed)}
+        quant = quantization_config(config, self.mixed)
         if quant is not None:
-            load_kwargs["quantization_config"] = quant
+            load_kwargs.update(quantization_config=quant, device_map=quantized_device_map())
         self.loads_once = loads_on_first_process_only(config)
+        if self.loads_once and quant is not None:
+            raise ForgeError(
+                "fsdp_config.fsdp_cpu_ram_efficient_loading: not supported for quantized (QLoRA, load_in_4bit/8bit) "
+                "models, whose weights are quantized as they load; drop one of the two"
+            )
         load = empty_model if self.loads_once and process_rank() != 0 else load_model
         model = load(model_path, dtype=weights_dtype(config), trust_remote_code=config.trust_remote_code, **load_kwargs)
         model.config.use_cache = False
@@ -208,7 +224,7 @@ class SFTRecipe:
         self.fsdp = bool(config.fsdp) and acc.num_processes > 1
         if self.fsdp:
             model = shard_model(model, config, acc.device, self.mixed, from_first=self.loads_once)
-        optimizer = build_optimizer(model.named_parameters(), config, self.freeze.partial)
+        optimizer = build_optimizer(model, config, self.freeze.partial)
         if self.fsdp:  # already sharded: accelerate must not wrap it in DDP
             self.model, self.optimizer = model, acc.prepare(optimizer)
         else:
@@ -216,8 +232,12 @@ class SFTRecipe:
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         self.linear_params = matmul_parameters(self._unwrapped)
         head = self._unwrapped.get_output_embeddings()
-        self.head_params = head.weight.numel() if head is not None else 0
-        self.peak_flops = matmul_peak_flops(device.type, torch.bfloat16 if self.mixed == "bf16" else torch.float32)
+        if head is None:
+            self.head_params = 0
+        else:  # a LoRA run's `modules_to_save` wraps the head: its weight is the head's
+            self.head_params = linear_size(head) if isinstance(head, torch.nn.Linear) else head.weight.numel()
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        self.peak_flops = matmul_peak_flops(device.type, half.get(self.mixed, torch.float32))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def _unfreeze_new_rows(self, model: Any, rows: range, summary: FreezeSummary) -> FreezeSummary:
@@ -405,7 +425,7 @@ class SFTRecipe:
             sync = index == len(batches) - 1
             acc.sync_gradients = sync  # as `accelerate.accumulate()` sets it: DeepSpeed steps its engine only when True
             with gradient_sync(self.model, acc, sync):
-                summed, head_positions = summed_token_loss(self.model, batch.to(device))
+                summed, head_positions = summed_token_loss(self.model, batch.to(device), self._unwrapped)
                 if self.config.gradient_checkpointing:
                     release_freed_host_memory(device)
                 if not (sync and self._deepspeed) or self._finite_everywhere(loss_sum + summed.detach()):
@@ -431,25 +451,38 @@ class SFTRecipe:
         # with non-finite gradients, and stepping on them would turn every weight into NaN
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         norm = self.accelerator.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
-        if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm)):
+        # a DTensor under FSDP; None under DeepSpeed before its first measured step (or after a skipped one)
+        grad_norm = None if norm is None else float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        finite = math.isfinite(values["loss"]) and (grad_norm is None or math.isfinite(grad_norm))
+        overflow = self._loss_scaler_overflow(values["loss"], grad_norm)
+        if not finite and not overflow:
             self._stop_on_nan(step, state, values["loss"], grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        for part in self.freeze.partial.values():
-            part.decay_(lr, config.weight_decay)
-        self.optimizer.step()
-        self.scheduler.step()
+        if not overflow:
+            for part in self.freeze.partial.values():
+                part.decay_(lr, config.weight_decay)
+        self.optimizer.step()  # after an fp16 overflow the loss scaler skips the update and lowers its scale
+        self.scheduler.step()  # the schedule follows the step number, skipped or not
         self.optimizer.zero_grad(set_to_none=True)
         if config.gradient_checkpointing:
             release_freed_host_memory(self.accelerator.device)
         state["tokens"] += values["real_tokens"]
         state["trained_tokens"] += values["trained_tokens"]
-        return {**values, "lr": lr, "grad_norm": grad_norm}
+        return {**values, "lr": lr, "grad_norm": grad_norm, **({"skipped": "fp16 overflow"} if overflow else {})}
+
+    def _loss_scaler_overflow(self, loss: float, grad_norm: float | None) -> bool:
+        """An fp16 step whose scaled gradients overflowed: normal while the loss scaler looks for its scale (it skips
+        the update), so the run goes on; only `MAX_OVERFLOWS` in a row, where the scale has collapsed, stop it."""
+        if self.mixed != "fp16" or not math.isfinite(loss) or grad_norm is None or math.isfinite(grad_norm):
+            self._overflows = 0
+            return False
+        self._overflows += 1
+        return self._overflows < MAX_OVERFLOWS
 
     def _pad_to(self) -> int | None:
         return self.config.sequence_len if self.config.pad_to_sequence_len else None
 
-    def _stop_on_nan(self, step: int, state: dict[str, Any], loss: float, grad_norm: float) -> None:
+    def _stop_on_nan(self, step: int, state: dict[str, Any], loss: float, grad_norm: float | None) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         path = self.output_dir / f"{ckpt.PREFIX}{step}"
         if not (path / "state.json").is_file():  # an existing one holds the RNG state from before this failed step

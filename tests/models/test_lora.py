@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dolphin_forge.config import ForgeConfig
 from dolphin_forge.errors import ForgeError
 from dolphin_forge.models.lora import merge_lora
 from tests.tiny import build_tiny_model
@@ -119,3 +120,20 @@ def test_an_adapter_folder_without_config_json_still_loads_onto_its_base(adapter
 
     assert not (adapter_dir / "config.json").exists()
     assert load_model(adapter_dir).get_input_embeddings().weight.shape[1] == 64
+
+
+@pytest.mark.parametrize("mixed, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("no", torch.float32)])
+def test_4bit_layers_compute_in_the_runs_precision(mixed, dtype):
+    """An fp16-only GPU (V100, T4) must not be handed bf16 matmuls by QLoRA."""
+    from dolphin_forge.models.lora import quantization_config
+
+    assert quantization_config(ForgeConfig(adapter="qlora"), mixed).bnb_4bit_compute_dtype == dtype
+
+
+def test_each_process_puts_its_quantized_weights_on_its_own_gpu(monkeypatch):
+    from dolphin_forge.models.lora import quantized_device_map
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert quantized_device_map() == {"": 3}
+    monkeypatch.delenv("LOCAL_RANK")
+    assert quantized_device_map() == {"": 0}

@@ -228,3 +228,104 @@ def test_fsdp_names_the_decoder_layer_class_when_the_configured_one_is_missing(t
                                          r"MixtralSparseMoeBlock module to wrap; expected its decoder layer class "
                                          r"\(LlamaDecoderLayer\)$"):
         layers_to_wrap(model, {"transformer_layer_cls_to_wrap": "MixtralSparseMoeBlock"})
+
+
+@pytest.mark.parametrize(("ds", "mixed", "named"), [
+    ({"bf16": {"enabled": True}}, "no", r"bf16\.enabled is true but this run trains in float32 \(bf16: false, or "),
+    ({"fp16": {"enabled": False}}, "fp16", r"fp16\.enabled is false but this run trains in fp16; set it to \"auto\""),
+    ({"optimizer": {"type": "AdamW"}}, "bf16", r"its optimizer section is not supported: .* \(optimizer, learning_r"),
+    ({"scheduler": {"type": "WarmupLR"}}, "bf16", r"its scheduler section is not supported: .* \(lr_scheduler, "),
+])
+def test_a_deepspeed_json_at_odds_with_the_run_is_one_line(ds, mixed, named):
+    """The Dolphin cards' zero3_bf16.json switches bf16 on literally: a float32 run must not train in bf16 under
+    DeepSpeed while reporting float32; and the optimizer and schedule come from the training config only."""
+    with pytest.raises(ForgeError, match=f"^deepspeed: {named}"):
+        fill_deepspeed_auto(ds, ForgeConfig(), world_size=2, hidden_size=64, mixed=mixed)
+    if "enabled" in json.dumps(ds):  # the same literal agreeing with the run is accepted as it is
+        agreeing = "bf16" if ds.get("bf16", {}).get("enabled") else "no"
+        assert fill_deepspeed_auto(ds, ForgeConfig(), world_size=2, hidden_size=64, mixed=agreeing) == ds
+
+
+def fake_fp16(monkeypatch, overflow_steps, norm_when_fine=1.0):
+    """An fp16 run on CPU, faked: the loss scaler's overflow shows as an infinite gradient norm at the given steps
+    (0-based), and its skipped update as an optimizer step that does nothing. Returns the steps actually applied."""
+    from dolphin_forge.train.sft import SFTRecipe
+
+    setup, applied = SFTRecipe.setup, []
+
+    def fp16_setup(self, *args, **kwargs):
+        setup(self, *args, **kwargs)
+        self.mixed = "fp16"
+        step, calls = self.optimizer.step, {"n": 0}
+
+        def clip(parameters, max_norm):
+            return torch.tensor(math.inf if calls["n"] in overflow_steps else norm_when_fine)
+
+        def scaled_step(*a, **k):
+            if calls["n"] not in overflow_steps:
+                applied.append(calls["n"])
+                step(*a, **k)
+            calls["n"] += 1
+
+        self.accelerator.clip_grad_norm_ = clip
+        self.optimizer.step = scaled_step
+
+    monkeypatch.setattr(SFTRecipe, "setup", fp16_setup)
+    return applied
+
+
+def test_an_fp16_overflow_skips_the_step_and_the_run_goes_on(tiny_model_dir, tmp_path, monkeypatch):
+    """The loss scaler overflows in the first steps of most fp16 runs: that is a skipped update, not a NaN stop."""
+    applied = fake_fp16(monkeypatch, overflow_steps={1, 2})
+    out = tmp_path / "out"
+    config = ForgeConfig(base_model=str(tiny_model_dir), output_dir=str(out), sequence_len=64, max_steps=5)
+    assert train(config, train_rows=random_rows(4, 49152, seed=1)).steps == 5
+    assert applied == [0, 3, 4]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m.get("skipped") for m in lines if m["kind"] == "train"] == [None, "fp16 overflow", "fp16 overflow",
+                                                                          None, None]
+
+
+def test_fp16_overflows_that_never_end_stop_the_run(tiny_model_dir, tmp_path, monkeypatch):
+    from dolphin_forge.train import sft
+
+    monkeypatch.setattr(sft, "MAX_OVERFLOWS", 3)
+    fake_fp16(monkeypatch, overflow_steps=set(range(10)))
+    config = ForgeConfig(base_model=str(tiny_model_dir), output_dir=str(tmp_path / "out"), sequence_len=64,
+                         max_steps=6)
+    with pytest.raises(ForgeError, match=r"^training stopped at step 3: the gradient norm is inf \(loss \d"):
+        train(config, train_rows=random_rows(4, 49152, seed=1))
+
+
+def test_a_gradient_norm_deepspeed_did_not_measure_is_logged_as_null(tiny_model_dir, tmp_path, monkeypatch):
+    """DeepSpeed's engine reports no norm before its first measured step (accelerate then returns None)."""
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", lambda self, parameters, max_norm: None)
+    out = tmp_path / "out"
+    config = ForgeConfig(base_model=str(tiny_model_dir), output_dir=str(out), sequence_len=64, max_steps=2)
+    assert train(config, train_rows=random_rows(4, 49152, seed=1)).steps == 2
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["grad_norm"] for m in lines if m["kind"] == "train"] == [None, None]
+
+
+def test_8bit_adamw_keeps_32_bit_states_for_embeddings(tokenizer, monkeypatch):
+    """As the HF Trainer does for the Dolphin cards' `optimizer: adamw_8bit` (bitsandbytes faked: no GPU here)."""
+    import sys
+    import types
+
+    from dolphin_forge.train.optim import build_optimizer
+    from tests.tiny import build_tiny_model
+
+    overrides = []
+    manager = types.SimpleNamespace(register_module_override=lambda module, name, cfg: overrides.append(
+        (type(module).__name__, name, cfg)))
+    optim = types.SimpleNamespace(AdamW8bit=lambda groups, **kw: ("AdamW8bit", kw),
+                                  PagedAdamW8bit=lambda groups, **kw: ("PagedAdamW8bit", kw),
+                                  GlobalOptimManager=types.SimpleNamespace(get_instance=lambda: manager))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(optim=optim))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config = ForgeConfig(optimizer="paged_adamw_8bit", adam_beta2=0.95)
+    name, kwargs = build_optimizer(build_tiny_model(tokenizer), config)
+    assert name == "PagedAdamW8bit" and kwargs["betas"] == (0.9, 0.95)
+    assert overrides == [("Embedding", "weight", {"optim_bits": 32})]

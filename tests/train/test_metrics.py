@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from dolphin_forge.config import ForgeConfig
 from dolphin_forge.train.metrics import MetricsSink
 
@@ -21,3 +23,14 @@ def test_resumed_tensorboard_keeps_the_checkpoint_step(tmp_path):
     events.Reload()
     logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert logged == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0), (5, 15.0)]
+
+
+def test_matmul_parameters_count_layer_shapes_not_stored_elements():
+    """Under ZeRO-3 a weight is an empty placeholder outside its forward (4-bit weights pack two values per byte):
+    MFU must still count the matmul the layer does."""
+    from dolphin_forge.train.metrics import matmul_parameters
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Embedding(100, 64), torch.nn.Linear(32, 8))
+    assert matmul_parameters(model) == 64 * 32 + 32 * 8
+    model[0].weight = torch.nn.Parameter(torch.empty(0))  # as deepspeed.zero.Init partitions it
+    assert matmul_parameters(model) == 64 * 32 + 32 * 8

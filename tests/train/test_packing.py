@@ -64,3 +64,42 @@ def test_packed_attention_model_still_generates_like_sdpa(tokenizer):
         model = build_tiny_model(tokenizer, attn_implementation=attention).eval()
         outputs.append(model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None))
     assert torch.equal(outputs[0], outputs[1])
+
+
+FAKE_VARLEN = "fake_varlen"
+
+
+def fake_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """flash-attention's varlen contract on CPU: the batch flattened, attention within `cu_seq_lens_q` segments."""
+    edges = kwargs["cu_seq_lens_q"].tolist()  # a KeyError here: the kwargs did not arrive
+    assert kwargs["max_length_q"] == max(b - a for a, b in zip(edges[:-1], edges[1:]))
+    heads, dim = query.shape[1], query.shape[-1]
+    q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], dim).transpose(0, 1) for t in (query, key, value))
+    k, v = (t.repeat_interleave(heads // t.shape[0], dim=0) for t in (k, v))
+    parts = [torch.nn.functional.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True,
+                                                              scale=scaling) for a, b in zip(edges[:-1], edges[1:])]
+    return torch.cat(parts, dim=1).transpose(0, 1).reshape(query.shape[0], query.shape[2], heads, dim), None
+
+
+def test_flash_attention_gets_the_sample_boundaries_of_a_batch_of_packed_rows(tokenizer, monkeypatch):
+    """transformers' flash-attention finds packed samples from position ids only for a batch of one row: with two
+    rows (micro_batch_size 2) the recipe must hand it the flattened batch's boundaries, or samples attend across."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from dolphin_forge.models import packed
+
+    AttentionInterface.register(FAKE_VARLEN, fake_varlen_attention)
+    AttentionMaskInterface.register(FAKE_VARLEN, lambda *args, **kwargs: None)
+    monkeypatch.setattr(packed, "VARLEN_IMPLEMENTATIONS", {FAKE_VARLEN})
+    model = build_tiny_model(tokenizer, attn_implementation=FAKE_VARLEN).eval()
+    reference = build_tiny_model(tokenizer, attn_implementation="eager").eval()
+    generator = torch.Generator().manual_seed(3)
+    rows = [[sample(n, 2, len(tokenizer), generator) for n in lengths] for lengths in ((7, 12), (5, 9, 4))]
+    batch = collate([pack(r) for r in rows], pad_id=0, pad_to=24)
+    assert packed.varlen_kwargs(model, batch.position_ids)["cu_seq_lens_q"].tolist() == [0, 7, 19, 24, 29, 38, 42, 48]
+    with torch.no_grad():
+        got, _ = summed_token_loss(model, batch)
+        want = sum(summed_token_loss(reference, collate([pack([s])], pad_id=0))[0] for r in rows for s in r)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert packed.varlen_kwargs(build_tiny_model(tokenizer, attn_implementation="sdpa"), batch.position_ids) == {}

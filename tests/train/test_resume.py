@@ -349,3 +349,14 @@ def test_resuming_a_checkpoint_at_or_past_the_end_of_the_run_is_refused(tiny_mod
     refused = r"checkpoint-1 is at step 1 and this config's run has 1 steps; raise max_steps"
     with pytest.raises(ForgeError, match=refused):
         train(shorter, train_rows=rows)
+
+
+def test_the_rng_states_of_eleven_gpus_come_back_in_device_order(monkeypatch):
+    """`cuda.10` sorts before `cuda.2` as text: restored by name, each GPU would get another one's generator."""
+    tensors, meta = ckpt._rng_state()  # this machine's CPU states, plus eleven GPUs' told apart by their first byte
+    tensors.update({f"cuda.{i}": torch.tensor([i], dtype=torch.uint8) for i in range(11)})
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(int(s[0]) for s in states))
+    ckpt._set_rng_state(tensors, meta)
+    assert restored == list(range(11))
