@@ -135,8 +135,9 @@ def load_model(
         raise ForgeError(f"{where}: not a readable safetensors file (truncated or corrupt: {exc})") from None
 
 
-def empty_model(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **kwargs: Any
-                ) -> Any:
+def empty_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **kwargs: Any
+) -> Any:
     """The causal LM of `path` built from its config.json alone, its parameters on the meta device (no memory, no
     weights read) and its buffers real: what an FSDP process other than the first holds before the first process
     broadcasts the weights (`fsdp_cpu_ram_efficient_loading`, see `train.distributed.shard_model`)."""

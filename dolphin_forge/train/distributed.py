@@ -46,7 +46,8 @@ def fill_deepspeed_auto(
         if filled.get(key) == "auto":
             filled[key] = value
     for section, on in (("bf16", mixed == "bf16"), ("fp16", mixed == "fp16")):
-        enabled = filled.get(section, {}).get("enabled") if isinstance(filled.get(section), dict) else None
+        values = filled.get(section)
+        enabled = values.get("enabled") if isinstance(values, dict) else None
         if enabled == "auto":
             filled[section]["enabled"] = on
         elif isinstance(enabled, bool) and enabled != on:  # DeepSpeed would train in another precision than ours
@@ -167,9 +168,9 @@ def shard_model(
     full copy); `offload_params` keeps shards in CPU memory on a GPU machine. bf16/fp16 runs gather half-precision
     weights and reduce gradients in float32, FSDP's form of mixed precision. `from_first`: the other processes hold
     a meta model (`loads_on_first_process_only`) and receive their shards of the first's weights. FSDP1's tuning
-    keys in Axolotl
-    configs (`use_orig_params`, `limit_all_gathers`, `sync_module_states`, `*_prefetch`, `state_dict_type`) have no
-    FSDP2 counterpart and change nothing: checkpoints always hold sharded optimizer state and gathered weights.
+    keys in Axolotl configs (`use_orig_params`, `limit_all_gathers`, `sync_module_states`, `*_prefetch`,
+    `state_dict_type`) have no FSDP2 counterpart and change nothing: checkpoints always hold sharded optimizer state
+    and gathered weights.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 

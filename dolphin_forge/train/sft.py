@@ -320,8 +320,8 @@ class SFTRecipe:
                 if changed:
                     self._warn(
                         f"resume_from_checkpoint: this config changes {', '.join(changed)} against {resume.name}; "
-                        f"steps {step + 1} on train with this config's values, so the run will differ from an "
-                        "uninterrupted one"
+                        f"from step {step + 1} on, training uses this config's values, so the run will differ "
+                        "from an uninterrupted one"
                     )
         self.sink = MetricsSink(self.output_dir, config, enabled=main, resumed_step=step)
         if main and self.console:

@@ -297,7 +297,7 @@ def test_a_resumed_run_trains_with_its_own_configs_learning_rate_decay_and_sched
 
     text = console.export_text()
     assert ("warning: resume_from_checkpoint: this config changes learning_rate 0.001 -> 0.0005, total_steps 4 -> 6, "
-            "weight_decay 0.0 -> 0.1 against checkpoint-2; steps 3 on train with this config's values") in text
+            "weight_decay 0.0 -> 0.1 against checkpoint-2; from step 3 on, training uses this config's values") in text
     lrs = train_lrs(tmp_path / "resumed")
     assert sorted(lrs) == [3, 4, 5, 6]
     for step, lr in lrs.items():
