@@ -25,6 +25,7 @@ import torch
 
 from dolphin_forge.config import ForgeConfig, resolve_path
 from dolphin_forge.errors import ForgeError, read_text_file
+from dolphin_forge.train.optim import EIGHT_BIT
 
 
 def fill_deepspeed_auto(
@@ -73,6 +74,13 @@ def fill_deepspeed_auto(
                 f"deepspeed: its {section} section is not supported: the run's {section} comes from the training "
                 f"config ({keys}); drop the section"
             )
+    offload = zero.get("offload_optimizer")
+    if isinstance(offload, dict) and offload.get("device") in ("cpu", "nvme") and config.optimizer in EIGHT_BIT:
+        # accelerate swaps the optimizer for DeepSpeed's CPU Adam, which takes a bitsandbytes one for plain Adam
+        raise ForgeError(
+            f"deepspeed: zero_optimization.offload_optimizer runs DeepSpeed's CPU Adam, which would train "
+            f"optimizer: {config.optimizer} as Adam with L2 decay instead of AdamW; use optimizer: adamw_torch"
+        )
     leftover = [k for k, v in zero.items() if v == "auto"]
     if leftover:
         raise ForgeError(

@@ -235,15 +235,19 @@ def test_fsdp_names_the_decoder_layer_class_when_the_configured_one_is_missing(t
     ({"fp16": {"enabled": False}}, "fp16", r"fp16\.enabled is false but this run trains in fp16; set it to \"auto\""),
     ({"optimizer": {"type": "AdamW"}}, "bf16", r"its optimizer section is not supported: .* \(optimizer, learning_r"),
     ({"scheduler": {"type": "WarmupLR"}}, "bf16", r"its scheduler section is not supported: .* \(lr_scheduler, "),
+    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "bf16",
+     r"zero_optimization\.offload_optimizer runs DeepSpeed's CPU Adam, which would train optimizer: adamw_8bit as "),
 ])
 def test_a_deepspeed_json_at_odds_with_the_run_is_one_line(ds, mixed, named):
     """The Dolphin cards' zero3_bf16.json switches bf16 on literally: a float32 run must not train in bf16 under
     DeepSpeed while reporting float32; and the optimizer and schedule come from the training config only."""
     with pytest.raises(ForgeError, match=f"^deepspeed: {named}"):
-        fill_deepspeed_auto(ds, ForgeConfig(), world_size=2, hidden_size=64, mixed=mixed)
+        fill_deepspeed_auto(ds, ForgeConfig(optimizer="adamw_8bit"), world_size=2, hidden_size=64, mixed=mixed)
     if "enabled" in json.dumps(ds):  # the same literal agreeing with the run is accepted as it is
         agreeing = "bf16" if ds.get("bf16", {}).get("enabled") else "no"
         assert fill_deepspeed_auto(ds, ForgeConfig(), world_size=2, hidden_size=64, mixed=agreeing) == ds
+    if "offload" in json.dumps(ds):  # DeepSpeed's CPU Adam runs AdamW for torch's AdamW
+        assert fill_deepspeed_auto(ds, ForgeConfig(), world_size=2, hidden_size=64, mixed=mixed) == ds
 
 
 def fake_fp16(monkeypatch, overflow_steps, norm_when_fine=1.0):
