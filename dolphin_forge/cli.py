@@ -129,12 +129,12 @@ def curate(
 ) -> None:
     """Clean, deduplicate, de-refuse and add system prompts: raw chat/instruction files into one ShareGPT JSONL."""
     from dolphin_forge.curate import curate as run_curate
-    from dolphin_forge.curate.report import all_rejected_error, print_report
+    from dolphin_forge.curate.report import empty_output_error, print_report
 
     loaded = _load(config, ctx, strict)
     result = run_curate(loaded.config, loaded.path, progress=True)
     print_report(result.report, out, show_samples=samples, samples_per_filter=loaded.config.curate.samples)
-    failure = all_rejected_error(result.report, result.report_path)
+    failure = empty_output_error(result.report, result.report_path)
     if failure is not None:  # after the report: it says why each row was dropped
         raise ForgeError(failure)
 

@@ -90,14 +90,20 @@ class CurateReport:
         return pairs.most_common(count)
 
 
-def all_rejected_error(report: CurateReport, report_path: Path) -> str | None:
-    """Why a run that kept no row failed, in one line, or None if a row was kept (or none was read).
+def empty_output_error(report: CurateReport, report_path: Path) -> str | None:
+    """Why a run that wrote no row failed, in one line, or None if it wrote one.
 
     An empty curated.jsonl with exit status 0 would let a script go on to preprocess and train on nothing; the
-    report is written first, so the message points at it for the per-filter reasons and samples.
+    report is written first, so the message points at it for the per-filter reasons and samples. Rows can be lost
+    three ways: none read, all rejected, or kept rows that the mix (`weight`, `max_rows`) rounds down to none.
     """
-    if report.rows_read == 0 or report.rows_kept > 0:
+    if report.rows_written > 0:
         return None
+    if report.rows_read == 0:
+        return f"curate: the sources hold no rows, so nothing was written; see {report_path}"
+    if report.rows_kept > 0:
+        return (f"curate: {report.rows_kept} rows were kept but the mix wrote none (a source's weight or max_rows "
+                f"rounds its share down to 0); see {report_path}")
     reasons = ", ".join(f"{reason} ({rows})" for reason, rows in report.top_reasons())
     return f"curate: every one of {report.rows_read} rows was rejected (most often {reasons}); see {report_path}"
 

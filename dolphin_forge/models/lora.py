@@ -42,7 +42,7 @@ def check_quantization_supported(config: ForgeConfig) -> None:
         raise ForgeError(f"{what} needs bitsandbytes: `pip install 'dolphin-forge[gpu]'`") from None
 
 
-def quantization_config(config: ForgeConfig, mixed: str = "bf16") -> Any:
+def quantization_config(config: ForgeConfig, mixed: str) -> Any:
     """The `BitsAndBytesConfig` for QLoRA-style loading, or None; 4-bit layers compute in the run's precision
     (`mixed`: 'bf16', 'fp16' or 'no'), so an fp16-only GPU is not handed bf16 matmuls."""
     if not (config.adapter == "qlora" or config.load_in_4bit or config.load_in_8bit):

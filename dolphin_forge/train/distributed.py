@@ -47,16 +47,8 @@ def fill_deepspeed_auto(
         if filled.get(key) == "auto":
             filled[key] = value
     for section, on in (("bf16", mixed == "bf16"), ("fp16", mixed == "fp16")):
-        values = filled.get(section)
-        enabled = values.get("enabled") if isinstance(values, dict) else None
-        if enabled == "auto":
+        if isinstance(filled.get(section), dict) and filled[section].get("enabled") == "auto":
             filled[section]["enabled"] = on
-        elif isinstance(enabled, bool) and enabled != on:  # DeepSpeed would train in another precision than ours
-            precision = {"no": "float32 (bf16: false, or `bf16: auto` on a GPU without bf16)"}.get(mixed, mixed)
-            raise ForgeError(
-                f"deepspeed: {section}.enabled is {str(enabled).lower()} but this run trains in {precision}; "
-                f'set it to "auto" to follow the bf16/fp16 keys'
-            )
     zero = filled.get("zero_optimization", {})
     if hidden_size:
         sizes = {
@@ -67,26 +59,44 @@ def fill_deepspeed_auto(
         for key, value in sizes.items():
             if zero.get(key) == "auto":
                 zero[key] = value
-    for section, keys in (("optimizer", "optimizer, learning_rate, weight_decay, adam_*"),
-                          ("scheduler", "lr_scheduler, warmup_steps")):
-        if section in filled:  # accelerate refuses a second optimizer; a second scheduler would run beside ours
-            raise ForgeError(
-                f"deepspeed: its {section} section is not supported: the run's {section} comes from the training "
-                f"config ({keys}); drop the section"
-            )
-    offload = zero.get("offload_optimizer")
-    if isinstance(offload, dict) and offload.get("device") in ("cpu", "nvme") and config.optimizer in EIGHT_BIT:
-        # accelerate swaps the optimizer for DeepSpeed's CPU Adam, which takes a bitsandbytes one for plain Adam
-        raise ForgeError(
-            f"deepspeed: zero_optimization.offload_optimizer runs DeepSpeed's CPU Adam, which would train "
-            f"optimizer: {config.optimizer} as Adam with L2 decay instead of AdamW; use optimizer: adamw_torch"
-        )
     leftover = [k for k, v in zero.items() if v == "auto"]
     if leftover:
         raise ForgeError(
             f"deepspeed: zero_optimization.{leftover[0]} = 'auto' cannot be filled without the model's hidden size"
         )
     return filled
+
+
+def check_deepspeed_settings(ds: dict[str, Any], config: ForgeConfig, mixed: str, where: str = "deepspeed") -> None:
+    """Refuse a DeepSpeed JSON that would train otherwise than the config says; called before the model loads.
+
+    A literal `enabled` for bf16/fp16 must agree with the run's precision (the Dolphin cards' zero3_bf16.json sets
+    bf16 on: a float32 run would train in bf16 while reporting float32); the optimizer and schedule come from the
+    training config only; an offloaded optimizer becomes DeepSpeed's CPU Adam, which runs a bitsandbytes AdamW as
+    Adam with L2 decay. `where` names the file in the message.
+    """
+    for section, on in (("bf16", mixed == "bf16"), ("fp16", mixed == "fp16")):
+        values = ds.get(section)
+        enabled = values.get("enabled") if isinstance(values, dict) else None
+        if isinstance(enabled, bool) and enabled != on:
+            precision = {"no": "float32 (bf16: false, or `bf16: auto` on a GPU without bf16)"}.get(mixed, mixed)
+            raise ForgeError(
+                f"{where}: {section}.enabled is {str(enabled).lower()} but this run trains in {precision}; "
+                f'set it to "auto" to follow the bf16/fp16 keys'
+            )
+    for section, keys in (("optimizer", "optimizer, learning_rate, weight_decay, adam_*"),
+                          ("scheduler", "lr_scheduler, warmup_steps")):
+        if section in ds:  # accelerate refuses a second optimizer; a second scheduler would run beside ours
+            raise ForgeError(
+                f"{where}: its {section} section is not supported: the run's {section} comes from the training "
+                f"config ({keys}); drop the section"
+            )
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer")
+    if isinstance(offload, dict) and offload.get("device") in ("cpu", "nvme") and config.optimizer in EIGHT_BIT:
+        raise ForgeError(
+            f"{where}: zero_optimization.offload_optimizer runs DeepSpeed's CPU Adam, which would train "
+            f"optimizer: {config.optimizer} as Adam with L2 decay instead of AdamW; use optimizer: adamw_torch"
+        )
 
 
 def read_deepspeed_config(config: ForgeConfig, config_path: Path | None) -> dict[str, Any]:
@@ -151,8 +161,8 @@ def layers_to_wrap(model: torch.nn.Module, fsdp_config: dict[str, Any]) -> list[
 
 def loads_on_first_process_only(config: ForgeConfig) -> bool:
     """`fsdp_cpu_ram_efficient_loading`: under FSDP only the first process reads the weights; the others build the
-    model on the meta device and receive their shards from it, so a node holds one full copy in CPU memory instead
-    of one per process (8 x 48 GB for a 12B model in float32 on 8 GPUs)."""
+    model on the meta device and receive their shards from it, so the whole run holds one full copy in CPU memory
+    instead of one per process (8 x 48 GB for a 12B model in float32 on 8 GPUs)."""
     return bool(config.fsdp) and bool(fsdp_options(config)[1].get("cpu_ram_efficient_loading")) and world_size() > 1
 
 

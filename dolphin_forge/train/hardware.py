@@ -36,7 +36,7 @@ def weights_dtype(config: ForgeConfig) -> torch.dtype:
     return torch.bfloat16 if config.bf16 == "full" else torch.float32
 
 
-def attention_implementation(config: ForgeConfig, device: torch.device, mixed: str = "no") -> str:
+def attention_implementation(config: ForgeConfig, device: torch.device, mixed: str) -> str:
     """flash_attention_2 (variable-length kernels for packed rows) on a GPU that can run it, else per-sample SDPA.
 
     flash-attn computes in bf16/fp16 only and needs an Ampere or newer GPU: a float32 run (`bf16: false`, or
@@ -48,7 +48,7 @@ def attention_implementation(config: ForgeConfig, device: torch.device, mixed: s
     if device.type != "cuda":
         return register_packed_attention()
     installed = importlib.util.find_spec("flash_attn") is not None
-    half = mixed in ("bf16", "fp16") or weights_dtype(config) == torch.bfloat16
+    half = mixed in ("bf16", "fp16")  # `bf16: full` (bf16 weights) resolves to "bf16" too
     ampere = torch.cuda.get_device_capability(device) >= (8, 0)
     if config.flash_attention is not False and installed and half and ampere:
         return "flash_attention_2"

@@ -26,7 +26,11 @@ def matmul_parameters(model: torch.nn.Module) -> int:
 
     Counted from the layer's shape, not its weight tensor: a ZeRO-3 partitioned weight holds no elements outside its
     forward, and a 4-bit one packs two values per byte."""
-    return sum(linear_size(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return sum(
+        linear_size(m)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".original_module" not in name  # peft's unused copy (modules_to_save)
+    )
 
 
 def linear_size(module: torch.nn.Linear) -> int:

@@ -49,10 +49,12 @@ from dolphin_forge.models.load import (
 from dolphin_forge.train import checkpoint as ckpt
 from dolphin_forge.train.batches import IGNORE_INDEX, BatchPlan, MicroBatch, collate
 from dolphin_forge.train.distributed import (
+    check_deepspeed_settings,
     gradient_sync,
     loads_on_first_process_only,
     make_accelerator,
     process_rank,
+    read_deepspeed_config,
     reshard,
     shard_model,
 )
@@ -156,6 +158,9 @@ class SFTRecipe:
         base_vocab = len(tokenizer)  # ids from here on are the config's new tokens
         self.tokenizer = add_config_tokens(tokenizer, config)
 
+        if config.deepspeed:  # before minutes of loading: the JSON can be at odds with the run
+            ds = read_deepspeed_config(config, self.config_path)
+            check_deepspeed_settings(ds, config, self.mixed, where=f"deepspeed: {config.deepspeed}")
         model_path = resolve_model_path(config.base_model, self.config_path)
         load_kwargs: dict[str, Any] = {"attn_implementation": attention_implementation(config, device, self.mixed)}
         quant = quantization_config(config, self.mixed)
@@ -468,7 +473,9 @@ class SFTRecipe:
             release_freed_host_memory(self.accelerator.device)
         state["tokens"] += values["real_tokens"]
         state["trained_tokens"] += values["trained_tokens"]
-        return {**values, "lr": lr, "grad_norm": grad_norm, **({"skipped": "fp16 overflow"} if overflow else {})}
+        if overflow:  # JSON has no infinity
+            return {**values, "lr": lr, "grad_norm": None, "skipped": "fp16 overflow"}
+        return {**values, "lr": lr, "grad_norm": grad_norm}
 
     def _loss_scaler_overflow(self, loss: float, grad_norm: float | None) -> bool:
         """An fp16 step whose scaled gradients overflowed: normal while the loss scaler looks for its scale (it skips

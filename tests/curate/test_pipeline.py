@@ -256,3 +256,16 @@ def test_cli_fails_in_one_line_when_every_row_is_rejected_but_writes_the_report(
     write_jsonl(data, [{"id": "ok", "conversations": GREETING}, "{broken\n"])
     partly = subprocess.run(forge, capture_output=True, text=True, timeout=120)
     assert partly.returncode == 0, partly.stderr
+
+
+@pytest.mark.parametrize("counts, expected", [
+    ({"read": 3, "kept": 3, "mixed": 0}, "curate: 3 rows were kept but the mix wrote none (a source's weight or "
+                                         "max_rows rounds its share down to 0); see report.json"),
+    ({"read": 0, "kept": 0, "mixed": 0}, "curate: the sources hold no rows, so nothing was written; see report.json"),
+    ({"read": 3, "kept": 1, "mixed": 1}, None),
+])
+def test_an_empty_output_is_an_error_however_the_rows_were_lost(counts, expected) -> None:
+    from dolphin_forge.curate.report import CurateReport, SourceCounts, empty_output_error
+
+    report = CurateReport(sources={"a": SourceCounts(**counts)})
+    assert empty_output_error(report, Path("report.json")) == expected

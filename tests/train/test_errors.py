@@ -241,13 +241,30 @@ def test_fsdp_names_the_decoder_layer_class_when_the_configured_one_is_missing(t
 def test_a_deepspeed_json_at_odds_with_the_run_is_one_line(ds, mixed, named):
     """The Dolphin cards' zero3_bf16.json switches bf16 on literally: a float32 run must not train in bf16 under
     DeepSpeed while reporting float32; and the optimizer and schedule come from the training config only."""
+    from dolphin_forge.train.distributed import check_deepspeed_settings
+
     with pytest.raises(ForgeError, match=f"^deepspeed: {named}"):
-        fill_deepspeed_auto(ds, ForgeConfig(optimizer="adamw_8bit"), world_size=2, hidden_size=64, mixed=mixed)
-    if "enabled" in json.dumps(ds):  # the same literal agreeing with the run is accepted as it is
-        agreeing = "bf16" if ds.get("bf16", {}).get("enabled") else "no"
-        assert fill_deepspeed_auto(ds, ForgeConfig(), world_size=2, hidden_size=64, mixed=agreeing) == ds
+        check_deepspeed_settings(ds, ForgeConfig(optimizer="adamw_8bit"), mixed)
+    if "enabled" in json.dumps(ds):  # the same literal agreeing with the run is accepted
+        check_deepspeed_settings(ds, ForgeConfig(), "bf16" if ds.get("bf16", {}).get("enabled") else "no")
     if "offload" in json.dumps(ds):  # DeepSpeed's CPU Adam runs AdamW for torch's AdamW
-        assert fill_deepspeed_auto(ds, ForgeConfig(), world_size=2, hidden_size=64, mixed=mixed) == ds
+        check_deepspeed_settings(ds, ForgeConfig(), mixed)
+
+
+def test_a_deepspeed_json_at_odds_with_the_run_is_refused_before_the_model_loads(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    from dolphin_forge.train import sft
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded first")
+
+    monkeypatch.setattr(sft, "load_model", never)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}))
+    config = ForgeConfig(base_model=str(tiny_model_dir), output_dir=str(tmp_path / "out"), deepspeed=str(path),
+                         bf16=False)
+    with pytest.raises(ForgeError, match=f"^deepspeed: {path}: bf16.enabled is true but this run trains in float32"):
+        train(config, train_rows=random_rows(4, 49152, seed=1))
 
 
 def fake_fp16(monkeypatch, overflow_steps, norm_when_fine=1.0):
@@ -333,3 +350,25 @@ def test_8bit_adamw_keeps_32_bit_states_for_embeddings(tokenizer, monkeypatch):
     name, kwargs = build_optimizer(build_tiny_model(tokenizer), config)
     assert name == "PagedAdamW8bit" and kwargs["betas"] == (0.9, 0.95)
     assert overrides == [("Embedding", "weight", {"optim_bits": 32})]
+
+
+def test_each_process_loads_its_quantized_model_onto_its_own_gpu(tiny_model_dir, tmp_path, monkeypatch):
+    """bitsandbytes is faked (no GPU here): what reaches the loader is the device map of this process's GPU."""
+    from dolphin_forge.models import lora
+    from dolphin_forge.train import sft
+
+    class Loaded(Exception):
+        pass
+
+    def capture(path, **kwargs):
+        raise Loaded(kwargs)
+
+    monkeypatch.setattr(lora, "check_quantization_supported", lambda config: None)
+    monkeypatch.setattr(lora, "quantization_config", lambda config, mixed: "4-bit")
+    monkeypatch.setattr(sft, "load_model", capture)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    config = ForgeConfig(base_model=str(tiny_model_dir), output_dir=str(tmp_path / "out"), adapter="qlora",
+                         lora_target_linear=True)
+    with pytest.raises(Loaded) as loaded:
+        train(config, train_rows=random_rows(4, 49152, seed=1))
+    assert loaded.value.args[0]["quantization_config"] == "4-bit" and loaded.value.args[0]["device_map"] == {"": 1}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from dolphin_forge.config import ForgeConfig
@@ -15,6 +17,9 @@ def test_resumed_tensorboard_keeps_the_checkpoint_step(tmp_path):
     for step in (1, 2, 3, 4):  # checkpoint at step 2, killed after logging steps 3 and 4
         killed.log("train", step, {"loss": float(step)})
     killed.close()
+    # TensorBoard reads event files in name order: seconds, host, pid, then a per-process counter that sorts "10"
+    # before "9"; a real resume is a later second, which this test's two writers in one process must be too
+    time.sleep(1.1)
     resumed = MetricsSink(tmp_path, ForgeConfig(), enabled=True, resumed_step=2)
     for step in (3, 4, 5):
         resumed.log("train", step, {"loss": 10.0 + step})

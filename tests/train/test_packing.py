@@ -103,3 +103,22 @@ def test_flash_attention_gets_the_sample_boundaries_of_a_batch_of_packed_rows(to
         want = sum(summed_token_loss(reference, collate([pack([s])], pad_id=0))[0] for r in rows for s in r)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
     assert packed.varlen_kwargs(build_tiny_model(tokenizer, attn_implementation="sdpa"), batch.position_ids) == {}
+
+
+def test_validation_batches_of_packed_rows_give_flash_attention_their_sample_boundaries(tokenizer, monkeypatch):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from dolphin_forge.evaluate.perplexity import validation_loss
+    from dolphin_forge.models import packed
+
+    AttentionInterface.register(FAKE_VARLEN, fake_varlen_attention)
+    AttentionMaskInterface.register(FAKE_VARLEN, lambda *args, **kwargs: None)
+    monkeypatch.setattr(packed, "VARLEN_IMPLEMENTATIONS", {FAKE_VARLEN})
+    generator = torch.Generator().manual_seed(4)
+    rows = [pack([sample(n, 2, len(tokenizer), generator) for n in lengths]) for lengths in ((7, 12), (5, 9, 4))]
+    model = build_tiny_model(tokenizer, attn_implementation=FAKE_VARLEN).eval()
+    reference = build_tiny_model(tokenizer, attn_implementation="eager").eval()
+    alone = [pack([(row["input_ids"][a:b], row["labels"][a:b])])
+             for row in rows for a, b in sample_bounds(torch.tensor(row["position_ids"]))]
+    assert validation_loss(model, rows, batch_size=2) == pytest.approx(validation_loss(reference, alone), rel=1e-5)
