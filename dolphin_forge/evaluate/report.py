@@ -49,7 +49,7 @@ class ModelEvaluation:
 
     name: str
     path: str | None = None
-    perplexity: dict[str, dict[str, float | int]] = field(default_factory=dict)
+    perplexity: dict[str, dict[str, float | int | str]] = field(default_factory=dict)  # "dtype" is a name
     harness: dict[str, Any] = field(default_factory=dict)
     task_names: dict[str, str] = field(default_factory=dict)  # task as written by the user -> harness task
     seconds: dict[str, float] = field(default_factory=dict)

@@ -198,7 +198,7 @@ def evaluate_model(
     return evaluation
 
 
-def _perplexity_of_file(model: Any, tokenizer: Any, file: Path, settings: EvalConfig) -> dict[str, float | int]:
+def _perplexity_of_file(model: Any, tokenizer: Any, file: Path, settings: EvalConfig) -> dict[str, float | int | str]:
     start = time.perf_counter()
     try:  # a wrong encoding is refused: scoring U+FFFD in place of the bytes would report a perplexity of other text
         text = read_text_file(file, "plain UTF-8 text to score")

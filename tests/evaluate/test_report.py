@@ -117,6 +117,14 @@ def test_results_round_trip_and_plot(tmp_path):
     assert written["report"].read_text(encoding="utf-8") == GOLDEN.read_text(encoding="utf-8")
 
 
+def test_results_with_perplexities_as_eval_writes_them_read_back(tmp_path):
+    """`eval` records each perplexity's compute dtype by name: `--compare` and `eval-combine` must accept it."""
+    entry = {"perplexity": 24.79, "nll": 3.21, "tokens": 511, "max_length": 256, "stride": 128, "dtype": "float32"}
+    evaluations = [ModelEvaluation(name="base", perplexity={"wiki.txt": entry})]
+    written = write_results(evaluations, tmp_path / "eval")
+    assert load_results(written["results"]) == evaluations
+
+
 def test_bad_results_file_is_a_forge_error(tmp_path):
     bad = tmp_path / "results.json"
     bad.write_text("{}")
