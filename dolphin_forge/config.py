@@ -10,6 +10,7 @@ This module is the leaf of the package: it imports nothing from the rest of dolp
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import shlex
@@ -748,12 +749,22 @@ def _setting_override(loc: list[str | int], flags: dict[KeyPath, str]) -> KeyPat
     return max(setting, key=len) if setting else None
 
 
-def _unknown_keys_error(unknown: list[str], source: str, overrides: dict[str, str]) -> str:
-    """Strict mode's refusal, naming the flag for a key that came from the command line."""
+def _unknown_key_problems(
+    unknown: list[str], source: str, overrides: dict[str, str], strict: bool
+) -> tuple[list[str], list[str]]:
+    """Errors for keys nothing reads, and those left to a warning (in the file, not strict).
+
+    A config file may hold Axolotl keys this product does not use, so those are a warning; a key typed on the
+    command line (`--max-step 2`) is a typo, and a warning scrolling past would let a long run start as if unset.
+    """
     flags = {".".join(map(str, path)): flag for path, flag in _override_flags(overrides).items()}
     in_file = [key for key in unknown if key not in flags]
-    lines = [f"{source}: unknown keys (strict mode): {', '.join(in_file)}"] if in_file else []
-    return "\n".join(lines + [f"{flags[key]}: unknown key {key} (strict mode)" for key in unknown if key in flags])
+    problems = [f"{source}: unknown keys (strict mode): {', '.join(in_file)}"] if strict and in_file else []
+    for key in (key for key in unknown if key in flags):
+        close = difflib.get_close_matches(key, ForgeConfig.model_fields, n=1)
+        problems.append(f"{flags[key]}: unknown key {key}" + (f"; did you mean --{close[0].replace('_', '-')}?"
+                                                               if close else ""))
+    return problems, in_file
 
 
 #: Values of inert keys that mean what this product does anyway, so they earn no warning.
@@ -819,12 +830,11 @@ def load_config(
         raise ForgeError("\n".join(_error_lines(exc, source, data, lines, _override_flags(overrides or {})))) from None
 
     warnings = duplicates + _inert_warnings(data)
-    unknown = config.unknown_keys()
-    if unknown:
-        listed = ", ".join(unknown)
-        if strict:
-            raise ForgeError(_unknown_keys_error(unknown, source, overrides or {}))
-        warnings.insert(0, f"unknown keys ignored: {listed}")
+    problems, in_file = _unknown_key_problems(config.unknown_keys(), source, overrides or {}, strict)
+    if problems:
+        raise ForgeError("\n".join(problems))
+    if in_file:
+        warnings.insert(0, f"unknown keys ignored: {', '.join(in_file)}")
     return LoadedConfig(config=config, path=Path(path) if path is not None else None, warnings=warnings)
 
 

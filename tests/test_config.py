@@ -242,8 +242,18 @@ def test_strict_mode_names_the_flag_of_an_unknown_key_from_the_command_line(tmp_
     with pytest.raises(ForgeError) as info:
         load_config(path, {"bogus-key": "3"}, strict=True)
     assert str(info.value).splitlines() == [
-        f"{path}: unknown keys (strict mode): foo", "--bogus-key 3: unknown key bogus_key (strict mode)"
+        f"{path}: unknown keys (strict mode): foo", "--bogus-key 3: unknown key bogus_key"
     ]
+
+
+def test_an_unknown_key_typed_on_the_command_line_is_an_error_even_without_strict(tmp_path):
+    """A file may hold Axolotl keys we skip (a warning); a mistyped flag would start a long run as if unset."""
+    path = tmp_path / "c.yml"
+    path.write_text("foo: 1\nmax_steps: 100\n")
+    with pytest.raises(ForgeError) as info:
+        load_config(path, {"max-step": "2"})
+    assert str(info.value) == "--max-step 2: unknown key max_step; did you mean --max-steps?"
+    assert load_config(path, {"max-steps": "2"}).warnings == ["unknown keys ignored: foo"]
 
 
 def test_a_bad_value_from_an_override_names_the_flag_and_one_from_the_file_names_the_file(tmp_path):
