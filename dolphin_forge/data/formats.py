@@ -367,8 +367,8 @@ def to_conversation(record: Record, dataset: DatasetConfig) -> Conversation:
                 hint = " (looks like alpaca: set type: alpaca)" if "instruction" in data else ""
                 raise RowProblem("missing_field", f"field {field_name!r} is missing{hint}")
             messages = _messages_from_turns(data[field_name], field_name, role_key, content_key, aliases)
-            tools = data.get("tools")
-            if tools:
+            tools = _listed_tools(data.get("tools"))
+            if tools is not None:
                 block = format_tools(tools)
                 if messages and messages[0].role == "system":
                     messages[0] = Message("system", f"{messages[0].content}\n\n{block}")
@@ -382,6 +382,17 @@ def to_conversation(record: Record, dataset: DatasetConfig) -> Conversation:
     except (TypeError, AttributeError, ValueError) as exc:  # a shape no check above foresaw: lose the row, not the run
         raise RowProblem("bad_field", f"unexpected row structure ({exc})", record.source, record.row) from None
     return Conversation(messages=messages, source=record.source, row=record.row)
+
+
+def _listed_tools(tools: Any) -> Any:
+    """A row's tools, or None when it lists none: glaive-style rows write an empty list as the text "[]", which
+    would otherwise train an empty <tools> block (109 of the 300 rows of glaive_toolcall_en_demo)."""
+    if isinstance(tools, str):
+        try:
+            return tools if json.loads(tools) else None
+        except json.JSONDecodeError:
+            return tools if tools.strip() else None  # not JSON: listed as the text it is
+    return tools or None
 
 
 def _drop_empty_system(messages: list[Message]) -> list[Message]:

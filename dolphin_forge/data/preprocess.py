@@ -38,7 +38,9 @@ from dolphin_forge.data.formats import Record, RowProblem, list_data_files, read
 from dolphin_forge.data.packing import PackedRows, pack_sequences, packing_efficiency
 from dolphin_forge.errors import ForgeError
 
-FORMAT_VERSION = 2  # 2: ChatML markers always special when encoding contents; rows_truncated counts kept rows
+# 2: ChatML markers always special when encoding contents; rows_truncated counts kept rows. 3: no <tools> block for
+# rows whose tools are an empty list written as text ("[]")
+FORMAT_VERSION = 3
 CHUNK_ROWS = 4096
 POOL_MIN_BYTES = 64 << 20
 EXAMPLES_PER_REASON = 5

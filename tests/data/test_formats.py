@@ -40,6 +40,14 @@ def test_function_call_roles_become_tool_call_and_tool_turns():
     assert messages[3].content == '<tool_response>\n{"ok": true}\n</tool_response>'
 
 
+@pytest.mark.parametrize("tools", ["[]", " [] ", [], "", None])
+def test_a_row_that_lists_no_tools_gets_no_tools_block(tools):
+    """glaive-style rows write an empty tool list as the text "[]": no empty <tools> block may be trained."""
+    messages = normalise({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}],
+                          "tools": tools})
+    assert [m.role for m in messages] == ["user", "assistant"]
+
+
 def test_tool_blocks_are_wrapped_once():
     wrapped = normalise({"conversations": [
         {"from": "human", "value": "Q"},
