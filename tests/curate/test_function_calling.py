@@ -9,7 +9,7 @@ import pytest
 from dolphin_forge.config import CurateFunctionCallingConfig, DatasetConfig
 from dolphin_forge.curate.filters import Edits, Rejection
 from dolphin_forge.curate.function_calling import BadCall, FunctionCallChecker, canonical_call
-from dolphin_forge.data.conversation import Conversation, Message, format_tool_call
+from dolphin_forge.data.conversation import Conversation, Message, format_tool_call, format_tools
 from dolphin_forge.data.formats import Record, to_conversation
 
 
@@ -102,9 +102,10 @@ def test_unclosed_block_and_empty_tool_list() -> None:
     assert isinstance(check(unclosed)[0], Rejection)
     row = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}], "tools": "[]"}
     conversation = to_conversation(Record("f.json", 1, row), DatasetConfig(path="f.json"))
-    assert conversation.messages[0].role == "system"  # the reader lists the (empty) tools ...
-    result, _ = check(conversation)
-    assert [m.role for m in result.messages] == ["user", "assistant"]  # ... and the empty list is removed
+    assert [m.role for m in conversation.messages] == ["user", "assistant"]  # the reader lists no empty tools ...
+    listed = Conversation([Message("system", format_tools([])), *conversation.messages])  # ... another tool might
+    result, _ = check(listed)
+    assert [m.role for m in result.messages] == ["user", "assistant"]  # ... and the check removes its empty list
 
 
 def test_rows_without_tools_are_untouched() -> None:

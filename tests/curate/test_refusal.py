@@ -33,6 +33,7 @@ def make_filter(**options) -> RefusalFilter:
         "As of my last knowledge update in 2021, the tallest building was...",
         "It is not appropriate to ask about that.",
         "I cannot condone such behaviour.",
+        "I'm sorry, but as an AI I cannot do that.",  # no comma after "AI"
     ],
 )
 def test_refusals_are_dropped(answer: str) -> None:
