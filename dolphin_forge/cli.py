@@ -223,7 +223,9 @@ def eval_command(
     limit: Optional[float] = typer.Option(None, "--limit", help="Examples per task (< 1: a fraction)"),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Shots for every task (default: suite's)"),
     max_gen_toks: Optional[int] = typer.Option(None, "--max-gen-toks", help="Cap on generated tokens per answer"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local eval data (../shared/data/eval)"),
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir", help="Folder of local eval data files, laid out as ../shared/data/eval (no default)"
+    ),
     chat: Optional[bool] = typer.Option(None, "--apply-chat-template/--no-chat-template", help="Prompt in ChatML"),
     batch_size: Optional[str] = typer.Option(None, "--batch-size", help="A number, or auto"),
     perplexity: Optional[list[Path]] = typer.Option(None, "--perplexity", help="Text file to score (repeatable)"),

@@ -569,6 +569,13 @@ class ForgeConfig(BaseModel):
             ]
         if self.deepspeed and not resolve_path(self.deepspeed, config_path).exists():
             problems.append(f"deepspeed {self.deepspeed!r} does not exist")
+        named = [(f"curate.sources.{i}.path", source.path) for i, source in enumerate(self.curate.sources)]
+        named += [("laser.eval_file", self.laser.eval_file), ("eval.data_dir", self.eval.data_dir)]
+        named += [(f"eval.perplexity_files.{i}", file) for i, file in enumerate(self.eval.perplexity_files)]
+        problems += [
+            f"{key} {value!r} does not exist" for key, value in named
+            if value and not resolve_path(value, config_path).exists()
+        ]
         return problems
 
     def total_batch_size(self, world_size: int = 1) -> int:

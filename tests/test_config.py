@@ -353,3 +353,19 @@ def test_an_empty_token_is_refused_naming_its_key(tmp_path, yaml_text, message):
         load_config(path)
     assert "\n" not in str(info.value)
     assert load_config(data={"tokens": None, "special_tokens": {"pad_token": None}}).config.tokens == []
+
+
+def test_validate_names_every_missing_file_the_stages_would_read(tmp_path):
+    """A missing curate source or laser/eval file used to pass `validate` and fail only when its stage ran."""
+    (tmp_path / "here.txt").write_text("text")
+    data = {
+        "curate": {"sources": [{"path": str(tmp_path / "here.txt")}, {"path": "nope.jsonl"}]},
+        "laser": {"eval_file": "/workspace/datasets/heldout.txt"},
+        "eval": {"perplexity_files": [str(tmp_path / "here.txt"), "gone.txt"], "data_dir": "no-such-dir"},
+    }
+    assert load_config(data=data).config.missing_paths(tmp_path) == [
+        "curate.sources.1.path 'nope.jsonl' does not exist",
+        "laser.eval_file '/workspace/datasets/heldout.txt' does not exist",
+        "eval.data_dir 'no-such-dir' does not exist",
+        "eval.perplexity_files.1 'gone.txt' does not exist",
+    ]
