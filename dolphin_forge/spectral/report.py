@@ -66,8 +66,11 @@ def laser_summary(outputs: LaserOutputs) -> Table:
         )
     else:
         table.add_row("held-out perplexity", "not measured (heldout_tokens: 0, or eval_file ends there)", "")
-    table.add_row("stopped by", result.stopped_by, f"{result.seconds:.1f} s")
-    table.add_row("kept", ", ".join(result.kept) or "-", "")
-    table.add_row("model", str(outputs.model_dir), "")
-    table.add_row("log / plot", str(outputs.log), str(outputs.plot))
+    unchanged = "" if result.kept else " (no change kept: the input's weights)"
+    table.caption = "\n".join([
+        f"stopped by {result.stopped_by} after {result.seconds:.1f} s; kept: {', '.join(result.kept) or 'none'}",
+        f"model: {outputs.model_dir}{unchanged}",
+        f"log: {outputs.log}; plot: {outputs.plot}",
+    ])
+    table.caption_justify = "left"
     return table

@@ -287,8 +287,10 @@ def test_reported_perplexities_are_those_of_the_saved_bf16_model(tmp_path, token
     # without a held-out part (laser.heldout_tokens: 0, or a file that ends there) the summary says it was not measured
     console = Console(record=True, width=200)
     console.print(laser_summary(replace(outputs, heldout_before=None, heldout_after=None)))
-    row = [line for line in console.export_text().splitlines() if "held-out perplexity" in line]
+    text = console.export_text()
+    row = [line for line in text.splitlines() if "held-out perplexity" in line]
     assert len(row) == 1 and "not measured (heldout_tokens: 0, or eval_file ends there)" in row[0]
+    assert f"kept: {outputs.result.kept[0]}" in text and f"model: {outputs.model_dir}" in text
 
 
 @pytest.mark.parametrize(
