@@ -110,6 +110,8 @@ def preprocess(
         raise ForgeError(f"--debug {debug}: expected a number of examples >= 0")
     loaded = _load(config, ctx, strict)
     prepared = run_preprocess(loaded.config, loaded.path, force=force, progress=True)
+    if prepared.cached:
+        out.print(f"unchanged inputs: reusing {prepared.path} as prepared earlier (its report below; --force rebuilds)")
     print_report(prepared.report, out)
     out.print(f"prepared data: {prepared.path}")
     if debug:

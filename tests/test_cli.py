@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -81,3 +83,18 @@ def test_command_line_mistakes_are_one_line(tmp_path, args, expected):
                             text=True)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr
+
+
+def test_preprocess_says_when_it_reuses_prepared_data_and_how_many_drops_it_did_not_show(tmp_path, tiny_model_dir):
+    rows = [{"instruction": "word " * 200, "input": "", "output": "b"} for _ in range(8)]
+    rows.append({"instruction": "a", "input": "", "output": "b"})
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = tmp_path / "c.yml"
+    config.write_text(f"base_model: {tiny_model_dir}\ndatasets:\n  - path: {data}\n    type: alpaca\n"
+                      f"dataset_prepared_path: {tmp_path / 'prep'}\nsequence_len: 64\n")
+    first = CliRunner().invoke(app, ["preprocess", str(config)], env={"COLUMNS": "300"})
+    assert first.exit_code == 0, first.output
+    assert "reusing" not in first.output and "too_long: ... and 3 more" in first.output
+    again = CliRunner().invoke(app, ["preprocess", str(config)], env={"COLUMNS": "300"})
+    assert "unchanged inputs: reusing" in again.output

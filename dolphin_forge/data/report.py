@@ -34,6 +34,9 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     for reason, examples in report["dropped_examples"].items():
         for example in examples:
             console.print(f"[dim]{reason}:[/] {example}", highlight=False)
+        more = report["rows_dropped"].get(reason, 0) - len(examples)
+        if more > 0:
+            console.print(f"[dim]{reason}: ... and {more:,} more (`report.json` in the prepared folder)[/]")
 
 
 def print_debug_examples(prepared: Any, tokenizer: Any, count: int, console: Console) -> None:

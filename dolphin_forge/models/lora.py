@@ -130,6 +130,8 @@ def is_adapter_folder(path: Path) -> bool:
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     """`adapter_config.json` as a dict; a hand-edited or truncated file is a user mistake, not a traceback."""
     path = adapter_dir / ADAPTER_CONFIG
+    if not adapter_dir.exists():
+        raise ForgeError(f"{adapter_dir}: does not exist; expected the output folder of a LoRA `train` run")
     if not is_adapter_folder(adapter_dir):
         raise ForgeError(f"{adapter_dir}: not a LoRA adapter folder (no {ADAPTER_CONFIG})")
     try:

@@ -137,3 +137,8 @@ def test_each_process_puts_its_quantized_weights_on_its_own_gpu(monkeypatch):
     assert quantized_device_map() == {"": 3}
     monkeypatch.delenv("LOCAL_RANK")
     assert quantized_device_map() == {"": 0}
+
+
+def test_merging_a_folder_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(ForgeError, match=r"nope: does not exist; expected the output folder of a LoRA `train` run"):
+        merge_lora(tmp_path / "nope", tmp_path / "out")
