@@ -267,7 +267,7 @@ def eval_combine(
     output: Path = typer.Option(..., "--output", help="Folder for the joined results.json and report.md"),
 ) -> None:
     """Join evaluations of one model run piece by piece (e.g. MMLU one subject per command), group scores added."""
-    from dolphin_forge.evaluate.combine import combine_evaluations
+    from dolphin_forge.evaluate.combine import combine_evaluations, incomplete_groups, local_groups
     from dolphin_forge.evaluate.report import load_results, write_results
 
     pieces, sources = [], []
@@ -275,8 +275,11 @@ def eval_combine(
         for evaluation in load_results(path):
             pieces.append(evaluation)
             sources.append(str(path))
-    written = write_results([combine_evaluations(pieces, sources)], output)
+    combined = combine_evaluations(pieces, sources)
+    written = write_results([combined], output)
     out.print(written["report"].read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
+    for line in incomplete_groups(combined.harness, local_groups()):
+        console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
     for kind, path in written.items():
         console.print(f"{kind}: {path}")
 

@@ -150,6 +150,24 @@ def add_group_scores(harness: dict[str, Any], groups: list[TaskGroup]) -> list[T
     return added
 
 
+def incomplete_groups(harness: dict[str, Any], groups: list[TaskGroup]) -> list[str]:
+    """A line for each outermost group some but not all of whose tasks were run: its score is left out, and the
+    user should know why (e.g. one MMLU subject missing from 57)."""
+    results = harness.get("results", {})
+    partial = {
+        g.name: g for g in groups if g.name not in results and 0 < sum(t in results for t in g.leaves) < len(g.leaves)
+    }
+    inner = {child for g in partial.values() for child in g.children}
+    lines = []
+    for name, group in partial.items():
+        if name in inner:
+            continue
+        missing = [t for t in group.leaves if t not in results]
+        lines.append(f"{group.alias or name}: {len(group.leaves) - len(missing)} of {len(group.leaves)} tasks present, "
+                     f"so no group score (missing e.g. {', '.join(missing[:3])}); combine them too")
+    return lines
+
+
 def combine_evaluations(evaluations: list[ModelEvaluation], sources: list[str] | None = None) -> ModelEvaluation:
     """One evaluation from pieces of the same model and settings (disjoint tasks), with group scores added.
 
