@@ -38,6 +38,21 @@ out = _console(stderr=False)
 STAGE = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from dolphin_forge import __version__
+
+        out.print(f"dolphin-forge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version"),
+) -> None:
+    """The Dolphin recipe end to end."""
+
+
 def overrides_from(ctx: typer.Context) -> dict[str, str]:
     """Pairs of `--some-key value` left over after the command's own options."""
     args, pairs = list(ctx.args), {}

@@ -98,3 +98,10 @@ def test_preprocess_says_when_it_reuses_prepared_data_and_how_many_drops_it_did_
     assert "reusing" not in first.output and "too_long: ... and 3 more" in first.output
     again = CliRunner().invoke(app, ["preprocess", str(config)], env={"COLUMNS": "300"})
     assert "unchanged inputs: reusing" in again.output
+
+
+def test_version():
+    from dolphin_forge import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"dolphin-forge {__version__}"
