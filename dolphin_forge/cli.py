@@ -97,8 +97,9 @@ def validate(
 ) -> None:
     """Check a config and print it resolved, with derived values and warnings.
 
-    Exits with status 1 if a file or folder the config names (base_model, datasets, deepspeed) is missing,
-    after printing everything, so that scripts and CI can rely on it.
+    Exits with status 1 if a file or folder the config names (base_model, datasets, deepspeed, curate sources,
+    laser.eval_file, eval files and data_dir) is missing, after printing everything, so that scripts and CI can
+    rely on it.
     """
     from dolphin_forge.data.preprocess import cached_report
     from dolphin_forge.data.report import print_resolved_config

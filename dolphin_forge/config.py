@@ -569,13 +569,15 @@ class ForgeConfig(BaseModel):
             ]
         if self.deepspeed and not resolve_path(self.deepspeed, config_path).exists():
             problems.append(f"deepspeed {self.deepspeed!r} does not exist")
-        named = [(f"curate.sources.{i}.path", source.path) for i, source in enumerate(self.curate.sources)]
-        named += [("laser.eval_file", self.laser.eval_file), ("eval.data_dir", self.eval.data_dir)]
-        named += [(f"eval.perplexity_files.{i}", file) for i, file in enumerate(self.eval.perplexity_files)]
-        problems += [
-            f"{key} {value!r} does not exist" for key, value in named
-            if value and not resolve_path(value, config_path).exists()
-        ]
+        named = [(f"curate.sources.{i}.path", source.path, "exists") for i, source in enumerate(self.curate.sources)]
+        named += [("laser.eval_file", self.laser.eval_file, "is_file"), ("eval.data_dir", self.eval.data_dir, "is_dir")]
+        named += [(f"eval.perplexity_files.{i}", f, "is_file") for i, f in enumerate(self.eval.perplexity_files)]
+        for key, value, test in named:
+            found = resolve_path(value, config_path) if value else None
+            if found is not None and not getattr(found, test)():
+                what = {"is_file": "a file", "is_dir": "a folder"}.get(test)
+                state = f"is not {what}" if found.exists() and what else "does not exist"
+                problems.append(f"{key} {value!r} {state}")
         return problems
 
     def total_batch_size(self, world_size: int = 1) -> int:
@@ -741,7 +743,8 @@ def _error_lines(
             text = flags[setter]
         else:  # a key inside the value the flag set
             text = f"{flags[setter]}: {key}{got}"
-        seen[key] = (line, f"{text}: {describe_error(error)}")
+        hint = _did_you_mean(tuple(loc)) if error["type"] == "extra_forbidden" and setter is not None else ""
+        seen[key] = (line, f"{text}: {describe_error(error)}{hint}")
     return [text for _, text in sorted(seen.values(), key=lambda item: item[0])]
 
 
@@ -762,16 +765,42 @@ def _unknown_key_problems(
     """Errors for keys nothing reads, and those left to a warning (in the file, not strict).
 
     A config file may hold Axolotl keys this product does not use, so those are a warning; a key typed on the
-    command line (`--max-step 2`) is a typo, and a warning scrolling past would let a long run start as if unset.
+    command line (`--max-step 2`, or inside a value a flag set: `--datasets '[{tpye: x}]'`) is a typo, and a
+    warning scrolling past would let a long run start as if unset.
     """
-    flags = {".".join(map(str, path)): flag for path, flag in _override_flags(overrides).items()}
-    in_file = [key for key in unknown if key not in flags]
-    problems = [f"{source}: unknown keys (strict mode): {', '.join(in_file)}"] if strict and in_file else []
-    for key in (key for key in unknown if key in flags):
-        close = difflib.get_close_matches(key, ForgeConfig.model_fields, n=1)
-        problems.append(f"{flags[key]}: unknown key {key}" + (f"; did you mean --{close[0].replace('_', '-')}?"
-                                                               if close else ""))
+    flags = _override_flags(overrides)
+    problems, in_file = [], []
+    for key in unknown:
+        loc = tuple(int(p) if p.isdigit() else p for p in key.split("."))
+        setter = _setting_override(list(loc), flags) or next((f for f in flags if f[: len(loc)] == loc), None)
+        if setter is None:
+            in_file.append(key)
+        else:
+            problems.append(f"{flags[setter]}: unknown key {key}{_did_you_mean(loc)}")
+    if strict and in_file:
+        problems.insert(0, f"{source}: unknown keys (strict mode): {', '.join(in_file)}")
     return problems, in_file
+
+
+def _did_you_mean(loc: tuple[str | int, ...]) -> str:
+    """`; did you mean --<flag>?` for the nearest key at the same place in the schema, or nothing."""
+    model: Any = ForgeConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        model = _model_in(field.annotation) if field is not None else None
+        if model is None:
+            return ""
+    close = difflib.get_close_matches(str(loc[-1]), getattr(model, "model_fields", {}), n=1)
+    return f"; did you mean --{'.'.join(map(str, (*loc[:-1], close[0]))).replace('_', '-')}?" if close else ""
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model a field holds, directly, in a list or as an optional value (else None)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for arg in getattr(annotation, "__args__", ()) if (m := _model_in(arg)) is not None), None)
 
 
 #: Values of inert keys that mean what this product does anyway, so they earn no warning.

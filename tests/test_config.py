@@ -361,11 +361,24 @@ def test_validate_names_every_missing_file_the_stages_would_read(tmp_path):
     data = {
         "curate": {"sources": [{"path": str(tmp_path / "here.txt")}, {"path": "nope.jsonl"}]},
         "laser": {"eval_file": "/workspace/datasets/heldout.txt"},
-        "eval": {"perplexity_files": [str(tmp_path / "here.txt"), "gone.txt"], "data_dir": "no-such-dir"},
+        "eval": {"perplexity_files": [str(tmp_path / "here.txt"), "gone.txt"], "data_dir": str(tmp_path / "here.txt")},
     }
     assert load_config(data=data).config.missing_paths(tmp_path) == [
         "curate.sources.1.path 'nope.jsonl' does not exist",
         "laser.eval_file '/workspace/datasets/heldout.txt' does not exist",
-        "eval.data_dir 'no-such-dir' does not exist",
+        f"eval.data_dir {str(tmp_path / 'here.txt')!r} is not a folder",
         "eval.perplexity_files.1 'gone.txt' does not exist",
     ]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("trainer.max-steps", "2", "--trainer.max-steps 2: unknown key trainer"),
+    ("datasets.0.pth", "y", "--datasets.0.pth y: unknown key datasets.0.pth; did you mean --datasets.0.path?"),
+    ("laser.search-tokns", "5", "--laser.search-tokns 5: unknown key; did you mean --laser.search-tokens?"),
+    ("datasets", "[{path: a, type: alpaca, tpye: x}]",
+     "--datasets '[{path: a, type: alpaca, tpye: x}]': unknown key datasets.0.tpye; did you mean --datasets.0.type?"),
+])
+def test_unknown_keys_inside_a_flags_value_or_path_are_the_flags_errors(flag, value, message):
+    with pytest.raises(ForgeError) as info:
+        load_config(data={"datasets": [{"path": "a", "type": "alpaca"}]}, overrides={flag: value})
+    assert str(info.value) == message

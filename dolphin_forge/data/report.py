@@ -36,7 +36,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             console.print(f"[dim]{reason}:[/] {example}", highlight=False)
         more = report["rows_dropped"].get(reason, 0) - len(examples)
         if more > 0:
-            console.print(f"[dim]{reason}: ... and {more:,} more (`report.json` in the prepared folder)[/]")
+            kept = len(examples)
+            console.print(f"[dim]{reason}: ... and {more:,} more (only the first {kept} are kept as examples)[/]")
 
 
 def print_debug_examples(prepared: Any, tokenizer: Any, count: int, console: Console) -> None:

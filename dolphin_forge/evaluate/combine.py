@@ -162,9 +162,10 @@ def incomplete_groups(harness: dict[str, Any], groups: list[TaskGroup]) -> list[
     for name, group in partial.items():
         if name in inner:
             continue
-        missing = [t for t in group.leaves if t not in results]
+        missing = [t.replace("_local_", "_", 1) for t in group.leaves if t not in results]  # as `--tasks` takes them
         lines.append(f"{group.alias or name}: {len(group.leaves) - len(missing)} of {len(group.leaves)} tasks present, "
-                     f"so no group score (missing e.g. {', '.join(missing[:3])}); combine them too")
+                     f"so no group score (missing e.g. {', '.join(missing[:3])}); run them with `eval --tasks` and "
+                     "combine again")
     return lines
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from dolphin_forge.spectral.scan import SpectrumScan, select_top
 
@@ -48,7 +50,7 @@ def laser_table(result: LaserResult) -> Table:
     return table
 
 
-def laser_summary(outputs: LaserOutputs) -> Table:
+def laser_summary(outputs: LaserOutputs) -> Group:
     """Search and held-out perplexity before and after, what was kept, and where the outputs are."""
     result = outputs.result
     table = Table(title=f"LASER-RMT result: {len(result.kept)} of {len(result.attempts)} changes kept")
@@ -67,10 +69,9 @@ def laser_summary(outputs: LaserOutputs) -> Table:
     else:
         table.add_row("held-out perplexity", "not measured (heldout_tokens: 0, or eval_file ends there)", "")
     unchanged = "" if result.kept else " (no change kept: the input's weights)"
-    table.caption = "\n".join([
+    lines = [  # below the table, unwrapped: paths stay whole for copying
         f"stopped by {result.stopped_by} after {result.seconds:.1f} s; kept: {', '.join(result.kept) or 'none'}",
         f"model: {outputs.model_dir}{unchanged}",
         f"log: {outputs.log}; plot: {outputs.plot}",
-    ])
-    table.caption_justify = "left"
-    return table
+    ]
+    return Group(table, *(Text(line, no_wrap=True, overflow="ignore") for line in lines))

@@ -709,8 +709,11 @@ class SFTRecipe:
         first, best = (summary["val_losses"] or [[None, None]])[0], summary["best_val_loss"]
         if first[0] == 0 and best is not None and first[1] <= best:
             self._warn(f"validation loss never went below the base model's ({first[1]:.4f} at step 0)")
-        what = "LoRA adapter (merge it with `dolphin-forge merge-lora`)" if self.config.adapter else "model"
-        self.console.print(f"{what} written to {self.output_dir}")
+        if self.config.adapter:
+            self.console.print(f"LoRA adapter written to {self.output_dir} (merge it: `dolphin-forge merge-lora "
+                               f"{self.output_dir} OUT`)")
+        else:
+            self.console.print(f"model written to {self.output_dir}")
 
 
 def check_early_stopping(config: ForgeConfig, val_rows: Any) -> None:
