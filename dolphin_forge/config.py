@@ -567,17 +567,19 @@ class ForgeConfig(BaseModel):
                 for name in names
                 if folder.exists() and not (folder / name).is_file()
             ]
-        if self.deepspeed and not resolve_path(self.deepspeed, config_path).exists():
-            problems.append(f"deepspeed {self.deepspeed!r} does not exist")
-        named = [(f"curate.sources.{i}.path", source.path, "exists") for i, source in enumerate(self.curate.sources)]
-        named += [("laser.eval_file", self.laser.eval_file, "is_file"), ("eval.data_dir", self.eval.data_dir, "is_dir")]
-        named += [(f"eval.perplexity_files.{i}", f, "is_file") for i, f in enumerate(self.eval.perplexity_files)]
-        for key, value, test in named:
+        # key, value, and what it must be: "file", "folder", or None for either
+        named = [("deepspeed", self.deepspeed, None)]
+        named += [(f"curate.sources.{i}.path", source.path, None) for i, source in enumerate(self.curate.sources)]
+        named += [("laser.eval_file", self.laser.eval_file, "file"), ("eval.data_dir", self.eval.data_dir, "folder")]
+        named += [(f"eval.perplexity_files.{i}", f, "file") for i, f in enumerate(self.eval.perplexity_files)]
+        for key, value, kind in named:
             found = resolve_path(value, config_path) if value else None
-            if found is not None and not getattr(found, test)():
-                what = {"is_file": "a file", "is_dir": "a folder"}.get(test)
-                state = f"is not {what}" if found.exists() and what else "does not exist"
-                problems.append(f"{key} {value!r} {state}")
+            if found is None:
+                continue
+            if not found.exists():
+                problems.append(f"{key} {value!r} does not exist")
+            elif (kind == "file" and not found.is_file()) or (kind == "folder" and not found.is_dir()):
+                problems.append(f"{key} {value!r} is not a {kind}")
         return problems
 
     def total_batch_size(self, world_size: int = 1) -> int:

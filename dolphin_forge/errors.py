@@ -4,7 +4,9 @@ A `ForgeError` carries a message that is already fit for the user: one line nami
 key and what was expected. The CLI prints it without a traceback; anything else is a bug and keeps its traceback.
 """
 
+import json
 from pathlib import Path
+from typing import Any
 
 
 class ForgeError(Exception):
@@ -25,3 +27,12 @@ def read_text_file(path: Path, expected: str) -> str:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ForgeError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); expected {expected}") from None
+
+
+def read_json_file(path: Path, expected: str, hint: str = "") -> Any:
+    """A JSON file the user gave us; a syntax error is named by file and line (json's own names no file), with
+    `hint` after it."""
+    try:
+        return json.loads(read_text_file(path, expected))
+    except json.JSONDecodeError as exc:
+        raise ForgeError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}){hint}") from None

@@ -16,6 +16,7 @@ import torch
 from dolphin_forge.config import ForgeConfig
 from dolphin_forge.errors import ForgeError
 from dolphin_forge.models.default import CHATML_TEMPLATE, resolve_model_path
+from dolphin_forge.models.lora import is_adapter_folder
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -122,7 +123,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model_path(str(path))
-    if not any((Path(resolved) / name).is_file() for name in ("config.json", "adapter_config.json")):
+    if not (Path(resolved) / "config.json").is_file() and not is_adapter_folder(Path(resolved)):
         raise ForgeError(f"cannot load a model from {resolved}: no config.json (expected a Hugging Face model folder)")
     try:
         return AutoModelForCausalLM.from_pretrained(

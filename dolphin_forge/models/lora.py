@@ -8,7 +8,6 @@ QLoRA and 8-bit loading need bitsandbytes on a CUDA GPU; elsewhere they stop wit
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from dolphin_forge.config import ForgeConfig
-from dolphin_forge.errors import ForgeError, read_text_file
+from dolphin_forge.errors import ForgeError, read_json_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -134,10 +133,7 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
         raise ForgeError(f"{adapter_dir}: does not exist; expected the output folder of a LoRA `train` run")
     if not is_adapter_folder(adapter_dir):
         raise ForgeError(f"{adapter_dir}: not a LoRA adapter folder (no {ADAPTER_CONFIG})")
-    try:
-        data = json.loads(read_text_file(path, "a LoRA adapter config"))
-    except json.JSONDecodeError as exc:
-        raise ForgeError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    data = read_json_file(path, "a LoRA adapter config")
     if not isinstance(data, dict):
         raise ForgeError(f"{path}: expected a JSON object")
     return data

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from dolphin_forge.errors import ForgeError
+from dolphin_forge.models.lora import is_adapter_folder
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -76,7 +77,7 @@ class Checkpoint:
         """
         if not self.folder.is_dir():
             raise ForgeError(f"{self.key}: {self.folder} is not a folder")
-        if (self.folder / "adapter_config.json").is_file():  # else: its lora_A/lora_B weights match no module type
+        if is_adapter_folder(self.folder):  # else: its lora_A/lora_B weights match no module type
             raise ForgeError(
                 f"{self.key}: {self.folder} is a LoRA adapter, not a model; merge it first "
                 "(dolphin-forge merge-lora ADAPTER OUT) and name the merged folder"

@@ -266,9 +266,9 @@ def gradient_sync(model: Any, accelerator: Any, sync: bool) -> Iterator[None]:
             yield
 
 
-def make_accelerator(config: ForgeConfig, config_path: Path | None, mixed: str, hidden_size: int | None) -> Any:
+def make_accelerator(config: ForgeConfig, ds: dict[str, Any] | None, mixed: str, hidden_size: int | None) -> Any:
     """The `Accelerator` for this run (plain, DDP or DeepSpeed; FSDP runs shard with `shard_model` on top of a plain
-    one)."""
+    one). `ds`: the run's DeepSpeed JSON as `read_deepspeed_config` read it, or None."""
     from accelerate import Accelerator
 
     # cpu=True is what makes accelerate join a torchrun world over gloo when there is no GPU
@@ -280,7 +280,7 @@ def make_accelerator(config: ForgeConfig, config_path: Path | None, mixed: str, 
         if not torch.distributed.is_initialized():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             torch.distributed.init_process_group("cuda:nccl,cpu:gloo")
-    if config.deepspeed:
+    if ds is not None:
         if importlib.util.find_spec("deepspeed") is None:
             raise ForgeError(
                 "deepspeed: the deepspeed package is not installed (`pip install 'dolphin-forge[gpu]'`, needs a GPU); "
@@ -288,7 +288,7 @@ def make_accelerator(config: ForgeConfig, config_path: Path | None, mixed: str, 
             )
         from accelerate.utils import DeepSpeedPlugin
 
-        ds = fill_deepspeed_auto(read_deepspeed_config(config, config_path), config, world, hidden_size, mixed)
+        ds = fill_deepspeed_auto(ds, config, world, hidden_size, mixed)
         # known gap: the model is loaded before this Accelerator exists, so ZeRO-3 cannot partition it while it
         # loads (zero.Init); each process holds a full copy until `prepare`
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)

@@ -158,25 +158,25 @@ class SFTRecipe:
         base_vocab = len(tokenizer)  # ids from here on are the config's new tokens
         self.tokenizer = add_config_tokens(tokenizer, config)
 
-        if config.deepspeed:  # before minutes of loading: the JSON can be at odds with the run
-            ds = read_deepspeed_config(config, self.config_path)
+        ds = read_deepspeed_config(config, self.config_path) if config.deepspeed else None
+        if ds is not None:  # before minutes of loading: the JSON can be at odds with the run
             check_deepspeed_settings(ds, config, self.mixed, where=f"deepspeed: {config.deepspeed}")
         model_path = resolve_model_path(config.base_model, self.config_path)
         load_kwargs: dict[str, Any] = {"attn_implementation": attention_implementation(config, device, self.mixed)}
         quant = quantization_config(config, self.mixed)
         if quant is not None:
             load_kwargs.update(quantization_config=quant, device_map=quantized_device_map())
-        self.loads_once = loads_on_first_process_only(config)
-        if self.loads_once and quant is not None:
+        loads_once = loads_on_first_process_only(config)
+        if loads_once and quant is not None:
             raise ForgeError(
                 "fsdp_config.fsdp_cpu_ram_efficient_loading: not supported for quantized (QLoRA, load_in_4bit/8bit) "
                 "models, whose weights are quantized as they load; drop one of the two"
             )
-        load = empty_model if self.loads_once and process_rank() != 0 else load_model
+        load = empty_model if loads_once and process_rank() != 0 else load_model
         model = load(model_path, dtype=weights_dtype(config), trust_remote_code=config.trust_remote_code, **load_kwargs)
         model.config.use_cache = False
         hidden_size = getattr(model.config, "hidden_size", None)
-        self.accelerator = make_accelerator(config, self.config_path, self.mixed, hidden_size)
+        self.accelerator = make_accelerator(config, ds, self.mixed, hidden_size)
         acc = self.accelerator
 
         if train_rows is None:
@@ -228,7 +228,7 @@ class SFTRecipe:
             )
         self.fsdp = bool(config.fsdp) and acc.num_processes > 1
         if self.fsdp:
-            model = shard_model(model, config, acc.device, self.mixed, from_first=self.loads_once)
+            model = shard_model(model, config, acc.device, self.mixed, from_first=loads_once)
         optimizer = build_optimizer(model, config, self.freeze.partial)
         if self.fsdp:  # already sharded: accelerate must not wrap it in DDP
             self.model, self.optimizer = model, acc.prepare(optimizer)

@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from dolphin_forge.config import LaserConfig, load_config
+from dolphin_forge.config import SPECTRAL_MODULE_TYPES, LaserConfig, load_config
 from dolphin_forge.errors import ForgeError
 from dolphin_forge.evaluate.perplexity import perplexity_of_ids, tokenize_text
 from dolphin_forge.models.load import load_model
@@ -27,15 +27,7 @@ from dolphin_forge.spectral.thresholds import gavish_donoho_threshold
 from tests.spectral.reference import planted
 from tests.tiny import build_tiny_model
 
-TYPES = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-]
+TYPES = SPECTRAL_MODULE_TYPES  # the default: attention q/k/v/o and MLP gate/up/down
 
 
 def own_text(n_sentences: int = 120) -> str:

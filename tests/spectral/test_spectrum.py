@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from dolphin_forge.config import load_config
+from dolphin_forge.config import SPECTRAL_MODULE_TYPES, load_config
 from dolphin_forge.errors import ForgeError
 from dolphin_forge.models.freeze import apply_unfrozen_parameters
 from dolphin_forge.spectral import scan as scan_module
@@ -22,15 +22,7 @@ from dolphin_forge.spectral.unfrozen import merge_into_config, unfrozen_paramete
 from tests.spectral.reference import spectrum_reference
 from tests.tiny import build_tiny_model
 
-TYPES = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-]
+TYPES = SPECTRAL_MODULE_TYPES  # the default: attention q/k/v/o and MLP gate/up/down
 
 
 def save(model, folder: Path) -> Path:

@@ -22,7 +22,7 @@ from typing import Any
 
 import datasets
 
-from dolphin_forge.errors import ForgeError, read_text_file
+from dolphin_forge.errors import ForgeError, read_json_file, read_text_file
 
 
 #: Where each release file lives in the data folder. The loaders open these, and `harness.check_local_data`
@@ -141,10 +141,7 @@ def _mmlu_rows(path: Path) -> list[list[str]]:
 def load_truthfulqa(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     """TruthfulQA multiple choice from `mc_task.json` (answer -> label maps) as `{choices, labels}` lists."""
     path = _root(data_dir) / TRUTHFULQA_FILE
-    try:
-        records = json.loads(read_text_file(path, "TruthfulQA's mc_task.json"))
-    except json.JSONDecodeError as exc:
-        raise ForgeError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); expected the release file") from None
+    records = read_json_file(path, "TruthfulQA's mc_task.json", "; expected the release file")
     if not isinstance(records, list):
         raise ForgeError(f"{path}: expected a JSON list of questions (the release file)")
     for number, record in enumerate(records, start=1):  # rows of a JSON list: numbered, as the file has no lines
