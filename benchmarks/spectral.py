@@ -29,15 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TYPES = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-]
+from dolphin_forge.config import SPECTRAL_MODULE_TYPES as TYPES  # noqa: E402 - needs ROOT on sys.path
+
 WIKITEXT = ROOT.parent / "shared" / "data" / "eval" / "wikitext2_test.raw"
 
 
