@@ -3,7 +3,9 @@
 Same model (the embedded SmolLM2-135M-Instruct), same data (ShareGPT conversations from ../shared/data), sequence
 length 2048 with packing, micro batch 1, no accumulation, float32 on this CPU (Axolotl needs bf16: false here),
 AdamW at 2e-5, N optimizer steps each, gradient checkpointing on for all three by default (the seed configs' setting
-and TRL's default; `--no-gradient-checkpointing` turns it off for all three). Reported per tool:
+and TRL's default; `--no-gradient-checkpointing` turns it off for all three). Ours runs twice, as configured
+by default and with `torch_compile: true` (decoder layers compiled; its first, excluded step includes the
+compile). Reported per tool:
 
 * real tokens/s: non-padding tokens processed per second of training steps;
 * trained tokens/s: tokens whose label is trained (the masking differs: Axolotl and we train assistant turns only,
@@ -90,12 +92,13 @@ def checkpointing_keys(on: bool) -> dict:
     return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}} if on else {}
 
 
-def run_ours(work: Path, model_dir: Path, steps: int, seq_len: int, checkpointing: bool) -> dict:
+def run_ours(work: Path, model_dir: Path, steps: int, seq_len: int, checkpointing: bool, compiled: bool) -> dict:
+    name = "ours-compiled" if compiled else "ours"
     config = {
         "base_model": str(model_dir),
         "datasets": [{"path": str(DATA), "type": "sharegpt", "conversation": "chatml"}],
         "dataset_prepared_path": str(work / "ours-prepared"),
-        "output_dir": str(work / "ours-out"),
+        "output_dir": str(work / f"{name}-out"),
         "sequence_len": seq_len,
         "sample_packing": True,
         "micro_batch_size": 1,
@@ -106,16 +109,17 @@ def run_ours(work: Path, model_dir: Path, steps: int, seq_len: int, checkpointin
         "lr_scheduler": "cosine",
         "bf16": "auto",
         "seed": 42,
+        "torch_compile": compiled,
         **checkpointing_keys(checkpointing),
     }
-    path = work / "ours.yml"
+    path = work / f"{name}.yml"
     path.write_text(yaml.safe_dump(config))
     forge = [sys.executable, "-m", "dolphin_forge.cli"]
     subprocess.run([*forge, "preprocess", str(path)], cwd=REPO, check=True, capture_output=True)
-    code, rss, output = run_measured([*forge, "train", str(path)], work / "ours.log")
+    code, rss, output = run_measured([*forge, "train", str(path)], work / f"{name}.log")
     if code != 0:
         raise SystemExit(f"dolphin-forge train failed:\n{output[-3000:]}")
-    lines = [json.loads(x) for x in (work / "ours-out" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (work / f"{name}-out" / "metrics.jsonl").read_text().splitlines()]
     steps_ = [x for x in lines if x["kind"] == "train"][1:]
     seconds = sum(x["real_tokens"] / x["real_tokens_per_s"] for x in steps_)
     return {
@@ -216,7 +220,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--tools", default="ours,axolotl,trl")
+    parser.add_argument("--tools", default="ours,ours-compiled,axolotl,trl")
     parser.add_argument("--peer-python", default="/work/peers/axo/bin/python")
     parser.add_argument("--work", default="/tmp/dolphin-forge-bench-train")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
@@ -238,7 +242,7 @@ def main() -> None:
     linear = matmul_parameters(load_model(model_dir))
     peak32 = matmul_peak_flops("cpu", torch.float32, seconds=3.0)
     peak16 = matmul_peak_flops("cpu", torch.bfloat16, seconds=3.0)
-    console = Console()
+    console = Console(width=120)
     console.print(
         f"matmul peak: float32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s; {linear:,} linear weights"
     )
@@ -246,7 +250,11 @@ def main() -> None:
     runners = {
         "ours": (
             "dolphin-forge",
-            lambda: run_ours(work, model_dir, args.steps, args.seq_len, args.gradient_checkpointing),
+            lambda: run_ours(work, model_dir, args.steps, args.seq_len, args.gradient_checkpointing, False),
+        ),
+        "ours-compiled": (
+            "dolphin-forge torch_compile",
+            lambda: run_ours(work, model_dir, args.steps, args.seq_len, args.gradient_checkpointing, True),
         ),
         "axolotl": ("axolotl", lambda: run_axolotl(work, model_dir, args.steps, args.seq_len, args.peer_python,
                                                    real_per_trained(work), args.gradient_checkpointing)),
@@ -275,13 +283,13 @@ def main() -> None:
         table.add_row(name, f"{r['real']:.1f}", f"{r['trained']:.1f}", f"{100 * mfu / peak32:.1f}%",
                       f"{100 * mfu / peak16:.1f}%", f"{r['rss']:.0f}")
     console.print(table)
-    ours = results.get("dolphin-forge")
-    if ours:
+    for name in ("dolphin-forge", "dolphin-forge torch_compile"):
+        ours = results.get(name)
         for peer in ("axolotl", "trl"):
-            if peer in results:
+            if ours and peer in results:
                 p = results[peer]
                 console.print(
-                    f"dolphin-forge / {peer}: real tokens/s x{ours['real'] / p['real']:.2f}, "
+                    f"{name} / {peer}: real tokens/s x{ours['real'] / p['real']:.2f}, "
                     f"trained tokens/s x{ours['trained'] / p['trained']:.2f}, peak RSS x{ours['rss'] / p['rss']:.2f}"
                 )
     (work / "results.json").write_text(

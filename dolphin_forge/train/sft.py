@@ -48,6 +48,12 @@ from dolphin_forge.models.load import (
 )
 from dolphin_forge.train import checkpoint as ckpt
 from dolphin_forge.train.batches import IGNORE_INDEX, BatchPlan, MicroBatch, collate
+from dolphin_forge.train.compile import (
+    check_torch_compile,
+    compile_decoder_layers,
+    compiled_cross_entropy,
+    restore_eager_layers,
+)
 from dolphin_forge.train.distributed import (
     check_deepspeed_settings,
     gradient_sync,
@@ -99,11 +105,14 @@ class TrainResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def summed_token_loss(model: Any, batch: MicroBatch, unwrapped: Any = None) -> tuple[torch.Tensor, int]:
+def summed_token_loss(
+    model: Any, batch: MicroBatch, unwrapped: Any = None, compiled: bool = False
+) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over trained positions of a micro-batch, and the head positions computed.
 
     Only sequence positions where some row's next token is trained go through the LM head. `unwrapped`: the model
-    inside a DDP/DeepSpeed wrapper, whose config names the attention kernel.
+    inside a DDP/DeepSpeed wrapper, whose config names the attention kernel. `compiled`: the loss runs compiled
+    (`torch_compile`).
     """
     targets = batch.labels[:, 1:]
     wanted = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
@@ -113,7 +122,8 @@ def summed_token_loss(model: Any, batch: MicroBatch, unwrapped: Any = None) -> t
         input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, logits_to_keep=wanted,
         **varlen_kwargs(unwrapped or model, batch.position_ids),
     ).logits
-    loss = F.cross_entropy(
+    cross_entropy = compiled_cross_entropy() if compiled else F.cross_entropy
+    loss = cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
         targets[:, wanted].reshape(-1),
         ignore_index=IGNORE_INDEX,
@@ -150,6 +160,7 @@ class SFTRecipe:
             ckpt.refuse_used_output_dir(self.output_dir)
         set_seed(config.seed)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        check_torch_compile(config, device)
         self.mixed = mixed_precision(config, device)
         self._overflows = 0  # fp16 steps in a row whose scaled gradients overflowed (see _loss_scaler_overflow)
         if config.tf32 and device.type == "cuda":
@@ -211,6 +222,8 @@ class SFTRecipe:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             if kwargs.get("use_reentrant", True) and hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
+        if config.torch_compile:
+            compile_decoder_layers(model)
 
         self.plan = BatchPlan(
             num_rows=len(train_rows),
@@ -430,7 +443,8 @@ class SFTRecipe:
             sync = index == len(batches) - 1
             acc.sync_gradients = sync  # as `accelerate.accumulate()` sets it: DeepSpeed steps its engine only when True
             with gradient_sync(self.model, acc, sync):
-                summed, head_positions = summed_token_loss(self.model, batch.to(device), self._unwrapped)
+                compiled = bool(self.config.torch_compile)
+                summed, head_positions = summed_token_loss(self.model, batch.to(device), self._unwrapped, compiled)
                 if self.config.gradient_checkpointing:
                     release_freed_host_memory(device)
                 if not (sync and self._deepspeed) or self._finite_everywhere(loss_sum + summed.detach()):
@@ -554,6 +568,7 @@ class SFTRecipe:
         acc = self.accelerator
         acc.wait_for_everyone()
         model = self._unwrapped
+        restore_eager_layers(model)
         keep = self.config.keeps_best_weights and (acc.is_main_process or self.fsdp)  # FSDP: each loads its shard
         weights_step = self._restore_best(step, state["best"], state["run"]) if keep else step
         state_dict = self._full_state_dict()
@@ -663,6 +678,8 @@ class SFTRecipe:
             f"{self.mixed if self.mixed != 'no' else 'float32'}"
             f"{'' if self.mixed == 'no' else ' (FSDP mixed precision)' if self.fsdp else ' autocast'}"
         )
+        if self.config.torch_compile:
+            self.console.print("torch_compile: decoder layers compiled by inductor; the first step includes compiling")
 
     def _short_run_warmup(self) -> str:
         """A warmup longer than the run (a short test run of a long config, or max_steps lowered) is legal but means

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from dolphin_forge.config import load_config
 from dolphin_forge.errors import ForgeError
+from dolphin_forge.train.compile import CXX_COMPILERS
 from dolphin_forge.train.sft import train
 from tests.tiny import build_tiny_model
 from tests.train.rows import write_chat_jsonl
@@ -107,6 +108,16 @@ def test_two_process_ddp_matches_one_process(one_process, tokenizer):
     # AdamW's update hardly changes if every gradient is scaled alike; the gradient norm before clipping does
     norms = {folder.name: [m["grad_norm"] for m in train_metrics(folder)] for folder in (one, two)}
     assert len(norms["ddp"]) == 4 and norms["ddp"][0] == pytest.approx(norms["one"][0], rel=1e-5)
+
+
+@pytest.mark.skipif(not any(shutil.which(name) for name in CXX_COMPILERS),
+                    reason="torch_compile on CPU needs a C++ compiler (g++, c++ or clang++) on PATH")
+def test_two_process_ddp_with_compiled_checkpointed_layers_matches_one_eager_process(one_process):
+    one, base = one_process
+    two = one.with_name("ddp-compiled")
+    torchrun_train(write_config(two, {**base, "gradient_accumulation_steps": 2, "torch_compile": True,
+                                      "gradient_checkpointing": True}))
+    assert_same_weights(two, one)
 
 
 def test_fsdp_matches_one_process_resumes_exactly_and_keeps_its_best_weights(one_process):

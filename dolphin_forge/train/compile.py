@@ -1,0 +1,100 @@
+"""`torch_compile: true`: each decoder layer's training forward compiled by inductor; the loop itself stays eager.
+
+Why the layers and not the whole model: on a CPU the matmuls already run near the machine's peak, and what is left
+of a step is elementwise work (RMSNorm, rotary embeddings, SiLU, residual adds) that eager PyTorch runs as dozens of
+separate passes over memory, three times per layer with gradient checkpointing (forward, recomputation, backward).
+Compiling a layer fuses those passes. The rest stays as it is:
+
+* the checkpoint stays eager around the compiled layer (dynamo traces a checkpoint into one opaque region and gives
+  up on all of it at the first unsupported op), so memory and recomputation are what they are without compiling;
+* packed attention is one opaque operator (`models.packed.packed_attention`), so the data-dependent sample
+  boundaries do not break the graph;
+* the MLP's down projection stays outside the graph: torch's non-reentrant checkpoint stops recomputing a layer at
+  its last saved tensor, the projection's input, so eagerly the projection itself is never recomputed; inside a
+  compiled graph, whose saved tensors are packed together at its end, it would be;
+* the loss (cross-entropy over the vocabulary at the trained positions) is compiled too: eagerly its forward and
+  backward make ~6 passes over a (positions x vocabulary) tensor, compiled ~3;
+* evaluation forwards run eagerly (no second, inference-only compile for an occasional validation pass).
+
+Shapes are compiled as dynamic, so packed rows of any length reuse one compiled layer. The first step pays the
+compile (~15-30 s for SmolLM2 on 2 CPU cores); later steps of that model run ~9% faster (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dolphin_forge.config import ForgeConfig
+from dolphin_forge.errors import ForgeError
+
+CXX_COMPILERS = ("g++", "c++", "clang++")
+
+
+def check_torch_compile(config: ForgeConfig, device: torch.device) -> None:
+    """Refuse, before the model loads, what `torch_compile` is not tested with, and a CPU with no C++ compiler."""
+    if not config.torch_compile:
+        return
+    for key, value in (("fsdp", config.fsdp), ("deepspeed", config.deepspeed), ("load_in_4bit", config.load_in_4bit),
+                       ("load_in_8bit", config.load_in_8bit)):
+        if value:
+            raise ForgeError(f"torch_compile: not supported together with {key} yet; set torch_compile: false")
+    if device.type == "cpu" and not any(shutil.which(name) for name in CXX_COMPILERS):
+        raise ForgeError(
+            "torch_compile: on CPU, inductor compiles C++ and no compiler was found (g++, c++ or clang++ on PATH); "
+            "install one (e.g. `apt install g++`) or set torch_compile: false"
+        )
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The model's transformer blocks: the modules transformers makes checkpointable."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+
+
+def compile_decoder_layers(model: Any) -> int:
+    """Route every decoder layer's training forward through a compiled copy (see the module docstring)."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.forward = types.MethodType(_training_forward, layer)
+        down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+        if isinstance(down, torch.nn.Module):
+            down.forward = torch.compiler.disable(down.forward)
+    return len(layers)
+
+
+def restore_eager_layers(model: Any) -> None:
+    """Undo `compile_decoder_layers` (before the model is saved or used for generation)."""
+    for layer in decoder_layers(model):
+        layer.__dict__.pop("forward", None)
+        down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+        if isinstance(down, torch.nn.Module):
+            down.__dict__.pop("forward", None)
+
+
+@functools.cache
+def _compiled(function: Any) -> Any:
+    return torch.compile(function, dynamic=True)
+
+
+def compiled_cross_entropy() -> Any:
+    """`F.cross_entropy`, compiled for inputs of any number of positions."""
+    return _compiled(F.cross_entropy)
+
+
+def _training_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    declared = type(self).forward
+    # transformers >= 5 checkpoints inside `forward` (a wrapper around the layer's own forward, kept as __wrapped__)
+    plain = getattr(declared, "__wrapped__", declared)
+    if not self.training:
+        return plain(self, *args, **kwargs)
+    compiled = _compiled(plain)
+    if plain is not declared and self.gradient_checkpointing:
+        return self._gradient_checkpointing_func(functools.partial(compiled, self, **kwargs), *args)
+    return compiled(self, *args, **kwargs)
