@@ -452,7 +452,7 @@ class ForgeConfig(BaseModel):
     gradient_checkpointing: bool = False
     gradient_checkpointing_kwargs: dict[str, Any] | None = None
     flash_attention: bool | None = None
-    torch_compile: bool | Literal["auto"] | None = None  # auto = true (Axolotl's spelling for "if torch can")
+    torch_compile: bool | Literal["auto"] | None = None  # auto: as true (Axolotl's "if torch supports it": all do)
     seed: int = 42
     logging_steps: int = Field(default=1, gt=0)
     evals_per_epoch: int | None = Field(default=None, gt=0)

@@ -111,8 +111,13 @@ def packed_attention(
 
 @packed_attention.register_fake
 def _packed_attention_shapes(query, key, value, position_ids, scale, window):
-    batch, heads, length, dim = query.shape
-    return query.new_empty(batch, length, heads, dim), query.new_empty(batch, heads, length)
+    batch, heads, length, _ = query.shape
+    lse = torch.promote_types(query.dtype, torch.float32)  # the kernel accumulates bf16/fp16 in float32
+    return query.new_empty(batch, length, heads, value.shape[-1]), query.new_empty(batch, heads, length, dtype=lse)
+
+
+# under CPU autocast q and k leave the rotary embedding in float32 while v is bf16: cast as autocast casts SDPA
+torch.library.register_autocast("dolphin_forge::packed_attention", "cpu", torch.bfloat16)
 
 
 @torch.library.custom_op("dolphin_forge::packed_attention_backward", mutates_args=())
@@ -170,7 +175,8 @@ def _per_sample_sdpa(
     sliding_window: int | None,
     gqa: dict[str, bool],
 ) -> torch.Tensor:
-    """The composite path, for attention dropout (the flash kernel has none on CPU): autograd through the loop."""
+    """The composite path, for attention dropout and for value heads of another size than the queries' (the CPU
+    flash kernel does neither): autograd through the loop."""
     rows = []
     # split (not indexing) so that the backward pass concatenates gradients instead of zero-filling whole rows
     for b, (q_row, k_row, v_row) in enumerate(zip(query.split(1), key.split(1), value.split(1))):
@@ -209,7 +215,7 @@ def packed_sdpa_attention(
             position_ids=position_ids, sliding_window=sliding_window, **kwargs,
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if dropout == 0.0:
+    if dropout == 0.0 and value.shape[-1] == query.shape[-1]:
         return packed_attention(query, key, value, position_ids, float(scale), int(sliding_window or 0))[0], None
     # grouped-query attention natively (no repeat_kv copies): same outputs, ~20% faster per call on CPU
     gqa = {"enable_gqa": True} if getattr(module, "num_key_value_groups", 1) > 1 else {}

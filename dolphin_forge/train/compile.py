@@ -23,6 +23,7 @@ compile (~15-30 s for SmolLM2 on 2 CPU cores); later steps of that model run ~9%
 from __future__ import annotations
 
 import functools
+import importlib.util
 import shutil
 import types
 from typing import Any
@@ -49,6 +50,9 @@ def check_torch_compile(config: ForgeConfig, device: torch.device) -> None:
             "torch_compile: on CPU, inductor compiles C++ and no compiler was found (g++, c++ or clang++ on PATH); "
             "install one (e.g. `apt install g++`) or set torch_compile: false"
         )
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise ForgeError("torch_compile: on a GPU, inductor needs the triton package (`pip install triton`); "
+                         "install it or set torch_compile: false")
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
@@ -61,6 +65,9 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
 def compile_decoder_layers(model: Any) -> int:
     """Route every decoder layer's training forward through a compiled copy (see the module docstring)."""
     layers = decoder_layers(model)
+    if not layers:
+        raise ForgeError(f"torch_compile: {type(model).__name__} has no transformers decoder layers to compile "
+                         "(remote code?); set torch_compile: false")
     for layer in layers:
         layer.forward = types.MethodType(_training_forward, layer)
         down = getattr(getattr(layer, "mlp", None), "down_proj", None)
@@ -96,5 +103,11 @@ def _training_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         return plain(self, *args, **kwargs)
     compiled = _compiled(plain)
     if plain is not declared and self.gradient_checkpointing:
+        # as transformers' wrapper: the recomputation must not update a cache a second time
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        if not getattr(self, "_can_checkpoint_with_cache", False):
+            kwargs.pop("past_key_values", None)
+            kwargs.pop("layer_past", None)
         return self._gradient_checkpointing_func(functools.partial(compiled, self, **kwargs), *args)
     return compiled(self, *args, **kwargs)

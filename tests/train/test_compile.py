@@ -67,3 +67,8 @@ def test_torch_compile_on_cpu_needs_a_cxx_compiler(monkeypatch):
     with pytest.raises(ForgeError, match="no compiler was found"):
         compiling.check_torch_compile(ForgeConfig(base_model="m", torch_compile="auto"), torch.device("cpu"))
     compiling.check_torch_compile(ForgeConfig(base_model="m"), torch.device("cpu"))  # off: nothing to check
+
+
+def test_a_model_without_transformers_decoder_layers_is_refused():
+    with pytest.raises(ForgeError, match="torch_compile: Linear has no transformers decoder layers"):
+        compiling.compile_decoder_layers(torch.nn.Linear(2, 2))

@@ -148,14 +148,14 @@ def test_packed_gradients_equal_per_sample_gradients(tokenizer, arch):
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("window", [0, 3])
-def test_packed_attention_operator_passes_torch_opcheck(window):
-    """Schema, fake (shape) kernels and autograd registration as `torch.compile` relies on them."""
+@pytest.mark.parametrize("window, dtype", [(0, torch.float32), (3, torch.float32), (0, torch.bfloat16)])
+def test_packed_attention_operator_passes_torch_opcheck(window, dtype):
+    """Schema, fake (shape and dtype) kernels and autograd registration as `torch.compile` relies on them."""
     from dolphin_forge.models.packed import packed_attention
 
     generator = torch.Generator().manual_seed(6)
-    query = torch.randn(2, 4, 9, 8, generator=generator).requires_grad_()
-    key, value = (torch.randn(2, 2, 9, 8, generator=generator).requires_grad_() for _ in range(2))
+    query = torch.randn(2, 4, 9, 8, generator=generator).to(dtype).requires_grad_()
+    key, value = (torch.randn(2, 2, 9, 8, generator=generator).to(dtype).requires_grad_() for _ in range(2))
     positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4], [0, 1, 0, 1, 2, 3, 4, 5, 6]])
     torch.library.opcheck(packed_attention, (query, key, value, positions, 0.35, window))
 
@@ -180,3 +180,33 @@ def test_packed_samples_stay_apart_with_attention_dropout(tokenizer):
     torch.manual_seed(1)
     redrawn = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits[0]
     assert torch.equal(again, logits[1]) and not torch.allclose(redrawn, again)  # dropout is on
+
+
+def test_packed_attention_under_cpu_bf16_autocast_matches_sdpa(tokenizer):
+    """Under autocast q and k leave the rotary embedding in float32 and v is bf16: the operator is cast as SDPA is."""
+    register_packed_attention()
+    generator = torch.Generator().manual_seed(8)
+    batch = collate([pack([sample(n, 2, len(tokenizer), generator) for n in (7, 12, 5)])], pad_id=0)
+    logits = {}
+    for attention in ("sdpa", PACKED_SDPA):
+        model = build_tiny_model(tokenizer, attn_implementation=attention).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+        out.float().sum().backward()
+        assert model.model.layers[0].self_attn.q_proj.weight.grad.dtype == torch.float32
+        logits[attention] = out.float()
+    torch.testing.assert_close(logits[PACKED_SDPA], logits["sdpa"], atol=2e-2, rtol=2e-2)
+
+
+def test_value_heads_of_another_size_take_the_composite_path():
+    """The CPU flash kernel needs equal head sizes (multi-head latent attention has a smaller value head)."""
+    from dolphin_forge.models.packed import packed_sdpa_attention
+
+    generator = torch.Generator().manual_seed(9)
+    query, key = (torch.randn(1, 2, 7, 8, generator=generator) for _ in range(2))
+    value = torch.randn(1, 2, 7, 4, generator=generator)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    got, _ = packed_sdpa_attention(torch.nn.Module(), query, key, value, None, position_ids=positions)
+    want = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True) for a, b in ((0, 3), (3, 7))], dim=2)
+    torch.testing.assert_close(got, want.transpose(1, 2))
