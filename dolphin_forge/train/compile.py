@@ -70,8 +70,8 @@ def compile_decoder_layers(model: Any) -> int:
                          "(remote code?); set torch_compile: false")
     for layer in layers:
         layer.forward = types.MethodType(_training_forward, layer)
-        down = getattr(getattr(layer, "mlp", None), "down_proj", None)
-        if isinstance(down, torch.nn.Module):
+        down = _down_projection(layer)
+        if down is not None:
             down.forward = torch.compiler.disable(down.forward)
     return len(layers)
 
@@ -80,9 +80,15 @@ def restore_eager_layers(model: Any) -> None:
     """Undo `compile_decoder_layers` (before the model is saved or used for generation)."""
     for layer in decoder_layers(model):
         layer.__dict__.pop("forward", None)
-        down = getattr(getattr(layer, "mlp", None), "down_proj", None)
-        if isinstance(down, torch.nn.Module):
+        down = _down_projection(layer)
+        if down is not None:
             down.__dict__.pop("forward", None)
+
+
+def _down_projection(layer: torch.nn.Module) -> torch.nn.Module | None:
+    """The layer's MLP down projection (kept out of the compiled graph), or None if it has none by that name."""
+    down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+    return down if isinstance(down, torch.nn.Module) else None
 
 
 @functools.cache

@@ -443,8 +443,9 @@ class SFTRecipe:
             sync = index == len(batches) - 1
             acc.sync_gradients = sync  # as `accelerate.accumulate()` sets it: DeepSpeed steps its engine only when True
             with gradient_sync(self.model, acc, sync):
-                compiled = bool(self.config.torch_compile)
-                summed, head_positions = summed_token_loss(self.model, batch.to(device), self._unwrapped, compiled)
+                summed, head_positions = summed_token_loss(
+                    self.model, batch.to(device), self._unwrapped, compiled=bool(self.config.torch_compile)
+                )
                 if self.config.gradient_checkpointing:
                     release_freed_host_memory(device)
                 if not (sync and self._deepspeed) or self._finite_everywhere(loss_sum + summed.detach()):
