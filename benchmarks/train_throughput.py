@@ -3,9 +3,10 @@
 Same model (the embedded SmolLM2-135M-Instruct), same data (ShareGPT conversations from ../shared/data), sequence
 length 2048 with packing, micro batch 1, no accumulation, float32 on this CPU (Axolotl needs bf16: false here),
 AdamW at 2e-5, N optimizer steps each, gradient checkpointing on for all three by default (the seed configs' setting
-and TRL's default; `--no-gradient-checkpointing` turns it off for all three). Ours runs twice, as configured
-by default and with `torch_compile: true` (decoder layers compiled; its first, excluded step includes the
-compile). Reported per tool:
+and TRL's default; `--no-gradient-checkpointing` turns it off for all three). Ours runs three times: as configured
+by default; with `torch_compile: true` (decoder layers compiled; its first, excluded step includes the compile);
+and, as `ours-fast`, compiled with `gradient_checkpointing_layers: 15` (`--checkpointed-layers`): the first 15 of
+SmolLM2's 30 layers recompute in the backward, the last 15 keep their activations. Reported per tool:
 
 * real tokens/s: non-padding tokens processed per second of training steps;
 * trained tokens/s: tokens whose label is trained (the masking differs: Axolotl and we train assistant turns only,
@@ -92,8 +93,10 @@ def checkpointing_keys(on: bool) -> dict:
     return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}} if on else {}
 
 
-def run_ours(work: Path, model_dir: Path, steps: int, seq_len: int, checkpointing: bool, compiled: bool) -> dict:
-    name = "ours-compiled" if compiled else "ours"
+def run_ours(
+    work: Path, model_dir: Path, steps: int, seq_len: int, checkpointing: bool, compiled: bool,
+    checkpointed_layers: int | None = None, name: str = "ours",
+) -> dict:
     config = {
         "base_model": str(model_dir),
         "datasets": [{"path": str(DATA), "type": "sharegpt", "conversation": "chatml"}],
@@ -112,6 +115,8 @@ def run_ours(work: Path, model_dir: Path, steps: int, seq_len: int, checkpointin
         "torch_compile": compiled,
         **checkpointing_keys(checkpointing),
     }
+    if checkpointing and checkpointed_layers is not None:
+        config["gradient_checkpointing_layers"] = checkpointed_layers
     path = work / f"{name}.yml"
     path.write_text(yaml.safe_dump(config))
     forge = [sys.executable, "-m", "dolphin_forge.cli"]
@@ -220,10 +225,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--tools", default="ours,ours-compiled,axolotl,trl")
+    parser.add_argument("--tools", default="ours,ours-compiled,ours-fast,axolotl,trl")
     parser.add_argument("--peer-python", default="/work/peers/axo/bin/python")
     parser.add_argument("--work", default="/tmp/dolphin-forge-bench-train")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--checkpointed-layers", type=int, default=15,
+                        help="gradient_checkpointing_layers of the ours-fast run (of SmolLM2's 30 layers)")
     parser.add_argument(
         "--reuse", action="store_true", help="Report tools not in --tools from an earlier run in --work"
     )
@@ -254,7 +261,13 @@ def main() -> None:
         ),
         "ours-compiled": (
             "dolphin-forge torch_compile",
-            lambda: run_ours(work, model_dir, args.steps, args.seq_len, args.gradient_checkpointing, True),
+            lambda: run_ours(work, model_dir, args.steps, args.seq_len, args.gradient_checkpointing, True,
+                             name="ours-compiled"),
+        ),
+        "ours-fast": (
+            f"dolphin-forge torch_compile, {args.checkpointed_layers} layers checkpointed",
+            lambda: run_ours(work, model_dir, args.steps, args.seq_len, args.gradient_checkpointing, True,
+                             args.checkpointed_layers, name="ours-fast"),
         ),
         "axolotl": ("axolotl", lambda: run_axolotl(work, model_dir, args.steps, args.seq_len, args.peer_python,
                                                    real_per_trained(work), args.gradient_checkpointing)),
@@ -283,8 +296,8 @@ def main() -> None:
         table.add_row(name, f"{r['real']:.1f}", f"{r['trained']:.1f}", f"{100 * mfu / peak32:.1f}%",
                       f"{100 * mfu / peak16:.1f}%", f"{r['rss']:.0f}")
     console.print(table)
-    for name in ("dolphin-forge", "dolphin-forge torch_compile"):
-        ours = results.get(name)
+    for name in [n for n in results if n.startswith("dolphin-forge")]:
+        ours = results[name]
         for peer in ("axolotl", "trl"):
             if ours and peer in results:
                 p = results[peer]

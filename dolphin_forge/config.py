@@ -451,6 +451,7 @@ class ForgeConfig(BaseModel):
     tf32: bool | None = None
     gradient_checkpointing: bool = False
     gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    gradient_checkpointing_layers: int | None = Field(default=None, ge=0)  # ours: checkpoint only the first N layers
     flash_attention: bool | None = None
     torch_compile: bool | Literal["auto"] | None = None  # auto: as true (Axolotl's "if torch supports it": all do)
     seed: int = 42
@@ -520,6 +521,9 @@ class ForgeConfig(BaseModel):
             raise ValueError("load_in_4bit/load_in_8bit: quantised loading needs `adapter: qlora` or `adapter: lora`")
         if self.deepspeed and self.fsdp:
             raise ValueError("deepspeed and fsdp: both shard the model; set one of them")
+        if self.gradient_checkpointing_layers is not None and not self.gradient_checkpointing:
+            raise ValueError("gradient_checkpointing_layers: set, but gradient_checkpointing is off; "
+                             "set gradient_checkpointing: true or drop the key")
         if self.adapter and self.unfrozen_parameters:
             raise ValueError("adapter and unfrozen_parameters: LoRA trains adapters, not chosen weights; set one")
         if self.save_steps and self.save_strategy not in (None, "steps"):

@@ -26,3 +26,12 @@ def build_tiny_model(tokenizer, arch: str = "llama", seed: int = 0, **overrides)
     kwargs.update(overrides)
     config = (MistralConfig if arch == "mistral" else LlamaConfig)(**kwargs)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def enable_checkpointing(model) -> None:
+    """transformers' gradient checkpointing on every decoder layer, non-reentrant (the recipe's default)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older name below
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -9,9 +9,10 @@ Compiling a layer fuses those passes. The rest stays as it is:
   up on all of it at the first unsupported op), so memory and recomputation are what they are without compiling;
 * packed attention is one opaque operator (`models.packed.packed_attention`), so the data-dependent sample
   boundaries do not break the graph;
-* the MLP's down projection stays outside the graph: torch's non-reentrant checkpoint stops recomputing a layer at
-  its last saved tensor, the projection's input, so eagerly the projection itself is never recomputed; inside a
-  compiled graph, whose saved tensors are packed together at its end, it would be;
+* in a checkpointed layer the MLP's down projection stays outside the graph: torch's non-reentrant checkpoint stops
+  recomputing a layer at its last saved tensor, the projection's input, so eagerly the projection itself is never
+  recomputed; inside a compiled graph, whose saved tensors are packed together at its end, it would be. A layer
+  that keeps its activations (`gradient_checkpointing_layers`) is compiled whole;
 * the loss (cross-entropy over the vocabulary at the trained positions) is compiled too: eagerly its forward and
   backward make ~6 passes over a (positions x vocabulary) tensor, compiled ~3;
 * evaluation forwards run eagerly (no second, inference-only compile for an occasional validation pass).
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from dolphin_forge.config import ForgeConfig
 from dolphin_forge.errors import ForgeError
+from dolphin_forge.train.recompute import decoder_layers
 
 CXX_COMPILERS = ("g++", "c++", "clang++")
 
@@ -55,13 +57,6 @@ def check_torch_compile(config: ForgeConfig, device: torch.device) -> None:
                          "install it or set torch_compile: false")
 
 
-def decoder_layers(model: Any) -> list[torch.nn.Module]:
-    """The model's transformer blocks: the modules transformers makes checkpointable."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
-
-
 def compile_decoder_layers(model: Any) -> int:
     """Route every decoder layer's training forward through a compiled copy (see the module docstring)."""
     layers = decoder_layers(model)
@@ -71,7 +66,7 @@ def compile_decoder_layers(model: Any) -> int:
     for layer in layers:
         layer.forward = types.MethodType(_training_forward, layer)
         down = _down_projection(layer)
-        if down is not None:
+        if down is not None and layer.gradient_checkpointing:
             down.forward = torch.compiler.disable(down.forward)
     return len(layers)
 

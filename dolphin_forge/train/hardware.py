@@ -85,6 +85,8 @@ def release_freed_host_memory(device: torch.device) -> None:
     only when `gradient_checkpointing` is on, i.e. when the user has chosen memory over speed: there, once
     between a micro-batch's forward and backward and once after each optimizer step, it lowered peak RSS from
     3.94 to 3.44 GB for 3% of throughput; without checkpointing it would cost 12% for 4% (benchmarks/RESULTS.md).
+    With `gradient_checkpointing_layers`, once more when the backward has passed the layers that kept their
+    activations: -210 MB of peak for 1.5% (15 of SmolLM2's 30 layers kept, 2048 tokens).
     GPU memory is managed by CUDA's caching allocator, not here.
     """
     libc = _glibc() if device.type == "cpu" else None

@@ -15,11 +15,14 @@ steps (accumulate, clip, step, log, evaluate, checkpoint, early-stop) -> save an
 Packed rows: the model receives position ids that restart at 0 for each sample and no attention mask; with SDPA
 transformers turns that into a block-diagonal causal mask, with flash-attention 2 into variable-length kernels.
 Only positions whose next token is trained reach the LM head (`logits_to_keep`), which saves the head's matmul on
-prompt tokens and the memory of their logits.
+prompt tokens and the memory of their logits; where exact (`train.loss`), the head and the cross-entropy run fused,
+a chunk of positions at a time, so no full logits tensor exists at all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import resource
@@ -71,6 +74,8 @@ from dolphin_forge.train.hardware import (
     release_freed_host_memory,
     weights_dtype,
 )
+from dolphin_forge.train.recompute import after_kept_layers_backward, checkpoint_first_layers, decoder_layers
+from dolphin_forge.train.loss import fusable_head, head_returns_hidden_states, linear_cross_entropy
 from dolphin_forge.train.metrics import (
     MetricsSink,
     describe_step,
@@ -106,29 +111,31 @@ class TrainResult:
 
 
 def summed_token_loss(
-    model: Any, batch: MicroBatch, unwrapped: Any = None, compiled: bool = False
+    model: Any, batch: MicroBatch, unwrapped: Any = None, compiled: bool = False, head: torch.nn.Linear | None = None
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over trained positions of a micro-batch, and the head positions computed.
 
     Only sequence positions where some row's next token is trained go through the LM head. `unwrapped`: the model
     inside a DDP/DeepSpeed wrapper, whose config names the attention kernel. `compiled`: the loss runs compiled
-    (`torch_compile`).
+    (`torch_compile`). `head`: the model's LM head, to run fused with the loss (`train.loss`; see `fusable_head`).
     """
     targets = batch.labels[:, 1:]
     wanted = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
     if wanted.numel() == 0:
         wanted = torch.zeros(1, dtype=torch.long, device=batch.input_ids.device)
-    logits = model(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, logits_to_keep=wanted,
-        **varlen_kwargs(unwrapped or model, batch.position_ids),
-    ).logits
-    cross_entropy = compiled_cross_entropy() if compiled else F.cross_entropy
-    loss = cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        targets[:, wanted].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    with head_returns_hidden_states(head) if head is not None else contextlib.nullcontext():
+        outputs = model(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, logits_to_keep=wanted,
+            **varlen_kwargs(unwrapped or model, batch.position_ids),
+        ).logits  # the hidden states at the wanted positions when `head` is given
+    picked = targets[:, wanted].reshape(-1)
+    if head is not None:
+        loss = linear_cross_entropy(outputs.reshape(-1, outputs.shape[-1]), head, picked, IGNORE_INDEX)
+    else:
+        cross_entropy = compiled_cross_entropy() if compiled else F.cross_entropy
+        loss = cross_entropy(
+            outputs.float().reshape(-1, outputs.shape[-1]), picked, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
     return loss, int(wanted.numel()) * batch.input_ids.shape[0]
 
 
@@ -222,6 +229,10 @@ class SFTRecipe:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             if kwargs.get("use_reentrant", True) and hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
+            if config.gradient_checkpointing_layers is not None:
+                checkpoint_first_layers(model, config.gradient_checkpointing_layers)
+                after_kept_layers_backward(model, config.gradient_checkpointing_layers,
+                                           functools.partial(release_freed_host_memory, device))
         if config.torch_compile:
             compile_decoder_layers(model)
 
@@ -254,6 +265,7 @@ class SFTRecipe:
             self.head_params = 0
         else:  # a LoRA run's `modules_to_save` wraps the head: its weight is the head's
             self.head_params = linear_size(head) if isinstance(head, torch.nn.Linear) else head.weight.numel()
+        self.fused_head = fusable_head(self._unwrapped, sharded=self.fsdp or self._deepspeed)
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}
         self.peak_flops = matmul_peak_flops(device.type, half.get(self.mixed, torch.float32))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -444,7 +456,7 @@ class SFTRecipe:
             acc.sync_gradients = sync  # as `accelerate.accumulate()` sets it: DeepSpeed steps its engine only when True
             with gradient_sync(self.model, acc, sync):
                 summed, head_positions = summed_token_loss(
-                    self.model, batch.to(device), self._unwrapped, compiled=bool(self.config.torch_compile)
+                    self.model, batch.to(device), self._unwrapped, bool(self.config.torch_compile), self.fused_head
                 )
                 if self.config.gradient_checkpointing:
                     release_freed_host_memory(device)
@@ -681,6 +693,10 @@ class SFTRecipe:
         )
         if self.config.torch_compile:
             self.console.print("torch_compile: decoder layers compiled by inductor; the first step includes compiling")
+        if self.config.gradient_checkpointing_layers is not None:
+            total = len(decoder_layers(self._unwrapped))
+            self.console.print(f"gradient checkpointing: the first {self.config.gradient_checkpointing_layers} of "
+                               f"{total} decoder layers recompute in the backward, the others keep their activations")
 
     def _short_run_warmup(self) -> str:
         """A warmup longer than the run (a short test run of a long config, or max_steps lowered) is legal but means
