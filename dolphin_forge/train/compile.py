@@ -96,13 +96,28 @@ def compiled_cross_entropy() -> Any:
     return _compiled(F.cross_entropy)
 
 
+def _recomputed_layer(forward: Any, layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A checkpointed layer's forward: compiled apart from `_kept_layer` (below)."""
+    return forward(layer, *args, **kwargs)
+
+
+def _kept_layer(forward: Any, layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The forward of a layer that keeps its activations: one whole graph, down projection included.
+
+    A function of its own because dynamo keeps compiled graphs per code object and does not guard on a module's
+    replaced `forward`: sharing one function with the checkpointed layers, these layers would reuse their graph,
+    broken at the (there eager) down projection.
+    """
+    return forward(layer, *args, **kwargs)
+
+
 def _training_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     declared = type(self).forward
     # transformers >= 5 checkpoints inside `forward` (a wrapper around the layer's own forward, kept as __wrapped__)
     plain = getattr(declared, "__wrapped__", declared)
     if not self.training:
         return plain(self, *args, **kwargs)
-    compiled = _compiled(plain)
+    compiled = _compiled(_recomputed_layer if self.gradient_checkpointing else _kept_layer)
     if plain is not declared and self.gradient_checkpointing:
         # as transformers' wrapper: the recomputation must not update a cache a second time
         if "use_cache" in kwargs:
@@ -110,5 +125,5 @@ def _training_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if not getattr(self, "_can_checkpoint_with_cache", False):
             kwargs.pop("past_key_values", None)
             kwargs.pop("layer_past", None)
-        return self._gradient_checkpointing_func(functools.partial(compiled, self, **kwargs), *args)
-    return compiled(self, *args, **kwargs)
+        return self._gradient_checkpointing_func(functools.partial(compiled, plain, self, **kwargs), *args)
+    return compiled(plain, self, *args, **kwargs)

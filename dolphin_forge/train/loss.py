@@ -30,7 +30,10 @@ CHUNK_ELEMENTS = 1 << 24
 
 def fusable_head(model: Any, sharded: bool) -> torch.nn.Linear | None:
     """The model's LM head when the fused loss can replace it, else None (see the module docstring)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's transformers model
     if sharded or getattr(model.config, "model_type", None) not in FUSED_MODEL_TYPES:
+        return None
+    if not type(base).__module__.startswith("transformers.models."):  # remote code may do more after its head
         return None
     head = model.get_output_embeddings()
     # an accelerate hook (device_map offloading) moves the weight in the head's own forward, which this bypasses
@@ -38,31 +41,45 @@ def fusable_head(model: Any, sharded: bool) -> torch.nn.Linear | None:
 
 
 @contextlib.contextmanager
-def head_returns_hidden_states(head: torch.nn.Linear) -> Iterator[None]:
-    """Inside, the model's `logits` are the hidden states the head would have multiplied."""
+def head_returns_hidden_states(head: torch.nn.Linear) -> Iterator[dict[str, torch.dtype | None]]:
+    """Inside, the model's `logits` are the hidden states the head would have multiplied.
+
+    Yields where the head's dtype under autocast is recorded (`"dtype"`): accelerate's mixed precision autocasts
+    the model's forward only, so the loss, computed after it, must be told the dtype the head would have run in.
+    """
     if "forward" in head.__dict__:
         raise RuntimeError("head_returns_hidden_states: the head's forward is already replaced")
-    head.forward = _identity
+    seen: dict[str, torch.dtype | None] = {"dtype": None}
+
+    def hidden_states(hidden: torch.Tensor) -> torch.Tensor:
+        device = hidden.device.type
+        seen["dtype"] = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return hidden
+
+    head.forward = hidden_states
     try:
-        yield
+        yield seen
     finally:
         del head.forward
 
 
-def _identity(hidden: torch.Tensor) -> torch.Tensor:
-    return hidden
-
-
 def linear_cross_entropy(
-    hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, ignore_index: int = -100
+    hidden: torch.Tensor,
+    head: torch.nn.Linear,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Sum over positions of cross-entropy(head(hidden), targets); positions whose target is `ignore_index` count 0.
 
-    `hidden` is (positions, hidden size), `targets` (positions,). Under autocast the head's matmuls run in the
-    autocast dtype and the softmax in float32, as `F.cross_entropy(head(hidden).float(), ...)` would.
+    `hidden` is (positions, hidden size), `targets` (positions,). The head's matmuls run in `compute_dtype` (the
+    autocast dtype of a mixed-precision run; default: the weight's) and the softmax in float32, as
+    `F.cross_entropy(head(hidden).float(), ...)` would. Gradients are prepared only when autograd records.
     """
-    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
-    return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, ignore_index, dtype)
+    compute = compute_dtype or head.weight.dtype
+    return _LinearCrossEntropy.apply(
+        hidden, head.weight, head.bias, targets, ignore_index, compute, torch.is_grad_enabled()
+    )
 
 
 def _head_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
@@ -76,13 +93,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and, chunk by chunk, its gradients; backward scales them by the upstream gradient."""
 
     @staticmethod
-    def forward(ctx: Any, hidden, weight, bias, targets, ignore_index, dtype):  # noqa: ANN001, ANN205
-        compute = dtype or weight.dtype
-        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+    def forward(ctx: Any, hidden, weight, bias, targets, ignore_index, compute, recording):  # noqa: ANN001, ANN205
+        want_hidden, want_weight, want_bias = (recording and wanted for wanted in ctx.needs_input_grad[:3])
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute)
             b = None if bias is None else bias.to(compute)
-            grad_hidden = torch.empty_like(hidden) if want_hidden else None
+            # float32 until the backward scales it: a bf16 copy would round the scale into every element
+            grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if want_hidden else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
             grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias else None
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -116,7 +133,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if want_bias:
                     grad_bias += grad.float().sum(0)
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
-        ctx.weight_dtype = weight.dtype
+        ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss
 
     @staticmethod
@@ -127,10 +144,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.grads
         ctx.grads = None  # handed out below, scaled in place: ~one head-sized tensor alive, not two
         scale = grad_loss.float()
+        hidden_dtype, weight_dtype = ctx.dtypes
         if grad_hidden is not None:
-            grad_hidden = grad_hidden.mul_(scale.to(grad_hidden.dtype))
+            grad_hidden = grad_hidden.mul_(scale).to(hidden_dtype)
         if grad_weight is not None:
-            grad_weight = grad_weight.mul_(scale).to(ctx.weight_dtype)
+            grad_weight = grad_weight.mul_(scale).to(weight_dtype)
         if grad_bias is not None:
-            grad_bias = grad_bias.mul_(scale).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+            grad_bias = grad_bias.mul_(scale).to(weight_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None

@@ -123,14 +123,15 @@ def summed_token_loss(
     wanted = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
     if wanted.numel() == 0:
         wanted = torch.zeros(1, dtype=torch.long, device=batch.input_ids.device)
-    with head_returns_hidden_states(head) if head is not None else contextlib.nullcontext():
+    with head_returns_hidden_states(head) if head is not None else contextlib.nullcontext({}) as seen:
         outputs = model(
             input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, logits_to_keep=wanted,
             **varlen_kwargs(unwrapped or model, batch.position_ids),
         ).logits  # the hidden states at the wanted positions when `head` is given
     picked = targets[:, wanted].reshape(-1)
     if head is not None:
-        loss = linear_cross_entropy(outputs.reshape(-1, outputs.shape[-1]), head, picked, IGNORE_INDEX)
+        hidden = outputs.reshape(-1, outputs.shape[-1])
+        loss = linear_cross_entropy(hidden, head, picked, IGNORE_INDEX, compute_dtype=seen["dtype"])
     else:
         cross_entropy = compiled_cross_entropy() if compiled else F.cross_entropy
         loss = cross_entropy(

@@ -57,18 +57,33 @@ def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_do():
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
-def test_under_bf16_autocast_it_matches_the_autocast_head():
+def test_in_bf16_it_matches_the_head_under_autocast():
     head, hidden, targets = _inputs(800, 24, bias=False)
+    got = fused.linear_cross_entropy(hidden, head, targets, compute_dtype=torch.bfloat16)
+    got.backward()
+    got_grads = [hidden.grad.clone(), head.weight.grad.clone()]
+    hidden.grad = head.weight.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = fused.linear_cross_entropy(hidden, head, targets)
-        got.backward()
-        got_grads = [hidden.grad.clone(), head.weight.grad.clone()]
-        hidden.grad = head.weight.grad = None
         want, want_grads = _reference(head, hidden, targets, 1.0)
-    assert got.dtype == torch.float32 and head.weight.grad.dtype == got_grads[1].dtype == torch.float32
+    assert got.dtype == torch.float32 and got_grads[0].dtype == got_grads[1].dtype == torch.float32
     torch.testing.assert_close(got.detach(), want, atol=1e-2, rtol=2e-3)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-2)
+    # in float32 the same inputs give visibly different numbers: the comparison above is a bf16 one
+    assert not torch.allclose(fused.linear_cross_entropy(hidden, head, targets).detach(), want, atol=1e-3, rtol=0)
+
+
+def test_the_head_dtype_under_the_models_own_autocast_is_recorded(tokenizer):
+    """accelerate autocasts the model's forward only; the loss, computed after it, gets the dtype from inside."""
+    model = build_tiny_model(tokenizer)
+    ids = torch.randint(0, len(tokenizer), (1, 8))
+    with fused.head_returns_hidden_states(model.lm_head) as seen:
+        hidden = model(input_ids=ids, use_cache=False).logits
+    assert seen["dtype"] is None and hidden.shape[-1] == 64  # hidden states, not logits
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)  # as accelerate's mixed precision
+    with fused.head_returns_hidden_states(model.lm_head) as seen:
+        model(input_ids=ids, use_cache=False)
+    assert seen["dtype"] == torch.bfloat16 and not torch.is_autocast_enabled("cpu")
 
 
 def test_a_second_backward_over_one_forward_is_refused():

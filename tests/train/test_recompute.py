@@ -89,3 +89,28 @@ def test_the_callback_runs_once_per_backward_between_the_kept_and_the_checkpoint
     after_kept_layers_backward(model, 3, lambda: events.append("never"))  # nothing kept: nothing to hook
     model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     assert events.count("callback") == 2 and "never" not in events
+
+
+@needs_compiler
+def test_kept_and_checkpointed_layers_compile_graphs_of_their_own(tokenizer):
+    """dynamo does not guard on a replaced down-projection forward: kept layers must not reuse the checkpointed
+    layers' graph, which breaks at that (eager) projection."""
+    from torch._dynamo.utils import counters
+
+    from dolphin_forge.train import compile as compiling
+
+    def unique_graphs(checkpointed: int | None) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        model = build_tiny_model(tokenizer, num_hidden_layers=4).train()
+        enable_checkpointing(model)
+        if checkpointed is not None:
+            checkpoint_first_layers(model, checkpointed)
+        compiling.compile_decoder_layers(model)
+        ids = torch.randint(0, len(tokenizer), (1, 16))
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        return counters["stats"]["unique_graphs"]
+
+    every_layer, no_layer, first_two = unique_graphs(None), unique_graphs(0), unique_graphs(2)
+    assert no_layer == 1 and every_layer > 1  # whole, and broken at the down projection
+    assert first_two == every_layer + no_layer
