@@ -299,7 +299,7 @@ def main() -> None:
     for name in [n for n in results if n.startswith("dolphin-forge")]:
         ours = results[name]
         for peer in ("axolotl", "trl"):
-            if ours and peer in results:
+            if peer in results:
                 p = results[peer]
                 console.print(
                     f"{name} / {peer}: real tokens/s x{ours['real'] / p['real']:.2f}, "

@@ -13,8 +13,9 @@ Compiling a layer fuses those passes. The rest stays as it is:
   recomputing a layer at its last saved tensor, the projection's input, so eagerly the projection itself is never
   recomputed; inside a compiled graph, whose saved tensors are packed together at its end, it would be. A layer
   that keeps its activations (`gradient_checkpointing_layers`) is compiled whole;
-* the loss (cross-entropy over the vocabulary at the trained positions) is compiled too: eagerly its forward and
-  backward make ~6 passes over a (positions x vocabulary) tensor, compiled ~3;
+* where the LM head is not fused with the loss (`train.loss`), the loss (cross-entropy over the vocabulary at the
+  trained positions) is compiled too: eagerly its forward and backward make ~6 passes over a (positions x
+  vocabulary) tensor, compiled ~3;
 * evaluation forwards run eagerly (no second, inference-only compile for an occasional validation pass).
 
 Shapes are compiled as dynamic, so packed rows of any length reuse one compiled layer. The first step pays the

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 from dolphin_forge.config import load_config
 from dolphin_forge.errors import ForgeError
-from dolphin_forge.train.compile import CXX_COMPILERS
 from dolphin_forge.train.sft import train
 from tests.tiny import build_tiny_model
+from tests.train.test_compile import needs_compiler
 from tests.train.rows import write_chat_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,8 +110,7 @@ def test_two_process_ddp_matches_one_process(one_process, tokenizer):
     assert len(norms["ddp"]) == 4 and norms["ddp"][0] == pytest.approx(norms["one"][0], rel=1e-5)
 
 
-@pytest.mark.skipif(not any(shutil.which(name) for name in CXX_COMPILERS),
-                    reason="torch_compile on CPU needs a C++ compiler (g++, c++ or clang++) on PATH")
+@needs_compiler
 def test_two_process_ddp_with_compiled_checkpointed_layers_matches_one_eager_process(one_process):
     one, base = one_process
     two = one.with_name("ddp-compiled")
